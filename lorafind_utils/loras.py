@@ -1,0 +1,332 @@
+"""LoRA files: inspect, check against a base model, load through diffusers, and make tiny seeded ones.
+
+Loading always goes through diffusers' own ``pipe.load_lora_weights`` (which
+converts Civitai/kohya keys). What diffusers does not do for us, we do first:
+
+* refuse pickles (``.ckpt``/``.pt``/``.bin``) -- a LoRA is only ever read with safetensors;
+* a truncated or non-safetensors file gets a clear error naming it;
+* every key must match a module of the base model with a compatible shape
+  (diffusers/peft drop unmatched keys with only a warning, and an SDXL or SD2 LoRA
+  would otherwise fail deep inside peft or load half-way);
+* after loading, the number of LoRA-wrapped modules must equal the number of
+  modules the file names.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+#: cross-attention (text) width -> base model family, to name the model a LoRA was made for.
+TEXT_WIDTH_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL (text encoder 2)"}
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used with the chosen base model; the message says why."""
+
+
+@dataclass
+class LoraInfo:
+    """What a LoRA file contains, read from its safetensors header only."""
+
+    path: Path
+    layout: str  # kohya | kohya-locon | diffusers-peft
+    modules: dict[str, dict] = field(default_factory=dict)  # module prefix -> {down, up shapes, alpha?}
+    rank: int = 0
+    components: tuple[str, ...] = ()
+    metadata: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"{self.path.name}: layout {self.layout}, rank {self.rank}, {len(self.modules)} modules "
+            f"({', '.join(self.components)})"
+        )
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict, dict]:
+    """Read a safetensors header without loading tensors (and without unpickling anything).
+
+    :return: (tensor entries {name: {dtype, shape, data_offsets}}, ``__metadata__`` dict)
+    :raises LoraError: for a pickle, a truncated file or anything that is not safetensors.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoraError(f"{path}: file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(
+            f"{path.name}: '{path.suffix}' files are Python pickles, which can run arbitrary code when loaded; "
+            "refused. Download the .safetensors version of this LoRA instead."
+        )
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoraError(f"{path.name}: empty or truncated file ({size} bytes); not a safetensors file")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise LoraError(f"{path.name}: this is a pickle (torch.save) file, not safetensors; refused")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise LoraError(f"{path.name}: not a safetensors file, or truncated (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoraError(f"{path.name}: corrupt safetensors header ({e})") from None
+    meta = header.pop("__metadata__", {}) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise LoraError(f"{path.name}: truncated ({size} bytes on disk, {8 + n + end} expected); download it again")
+    return header, meta
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``lora_unet_x.lora_down.weight`` -> (``lora_unet_x``, ``lora_down.weight``)."""
+    for marker in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".alpha", ".hada_", ".lokr_", ".dora_scale",
+                   ".lora_mid.", ".diff", ".w_norm", ".b_norm"):
+        i = key.find(marker)
+        if i > 0:
+            return key[:i], key[i + 1 :]
+    return key, ""
+
+
+def inspect_lora(path: str | Path) -> LoraInfo:
+    """Describe a LoRA file (layout, rank, modules) from its header; no tensor is loaded.
+
+    :raises LoraError: unsupported layouts (LyCORIS LoHa/LoKr, SDXL) and unreadable files.
+    """
+    path = Path(path)
+    header, meta = read_safetensors_header(path)
+    keys = list(header)
+    if not keys:
+        raise LoraError(f"{path.name}: contains no tensors")
+    if any(".hada_" in k for k in keys):
+        raise LoraError(f"{path.name}: LyCORIS LoHa layout (hada_* keys) is not supported by diffusers' LoRA loader")
+    if any(".lokr_" in k for k in keys):
+        raise LoraError(f"{path.name}: LyCORIS LoKr layout (lokr_* keys) is not supported by diffusers' LoRA loader")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any("add_embedding" in k for k in keys):
+        raise LoraError(f"{path.name}: an SDXL LoRA (two text encoders); this profile's base model is SD 1.5")
+    modules: dict[str, dict] = {}
+    for k, v in header.items():
+        prefix, part = _split_key(k)
+        entry = modules.setdefault(prefix, {})
+        if part.startswith(("lora_down", "lora_A")):
+            entry["down"] = tuple(v["shape"])
+        elif part.startswith(("lora_up", "lora_B")):
+            entry["up"] = tuple(v["shape"])
+        elif part == "alpha":
+            entry["alpha"] = True
+        elif part == "dora_scale":
+            entry["dora"] = True
+        elif part.startswith("lora_mid"):
+            raise LoraError(f"{path.name}: LoCon with CP decomposition (lora_mid keys) is not supported by diffusers")
+        else:
+            raise LoraError(f"{path.name}: unrecognised key '{k}'; not a LoRA file this tool can load")
+    broken = [p for p, e in modules.items() if "down" not in e or "up" not in e]
+    if broken:
+        raise LoraError(f"{path.name}: {len(broken)} modules lack a down/up pair, e.g. '{broken[0]}'")
+    if all(p.startswith(("lora_unet_", "lora_te_")) for p in modules):
+        conv = any(len(e["down"]) == 4 and e["down"][2:] != (1, 1) for e in modules.values())
+        layout = "kohya-locon" if conv else "kohya"
+    elif all(p.startswith(("unet.", "text_encoder.")) for p in modules):
+        layout = "diffusers-peft"
+    else:
+        bad = next(p for p in modules if not p.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")))
+        raise LoraError(f"{path.name}: key '{bad}' is neither kohya (lora_unet_/lora_te_) nor diffusers (unet./text_encoder.)")
+    if any(e.get("dora") for e in modules.values()):
+        layout += "+dora"
+    comps = sorted({"unet" if p.startswith(("lora_unet_", "unet.")) else "text_encoder" for p in modules})
+    rank = max(e["down"][0] for e in modules.values())
+    return LoraInfo(path=path, layout=layout, modules=modules, rank=rank, components=tuple(comps), metadata=meta)
+
+
+def module_map(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """Every LoRA-able module of a base model under every name a LoRA file may use for it.
+
+    Kohya names flatten the module path with ``_`` (``lora_unet_down_blocks_0_…``);
+    its text-encoder names carry ``text_model_`` (transformers 5 has no such
+    submodule, so both spellings are accepted). Diffusers/PEFT names keep dots.
+    """
+    out: dict[str, tuple[str, str, torch.nn.Module]] = {}
+    parts = [("unet", unet, ["lora_unet_"])]
+    if text_encoder is not None:
+        parts.append(("text_encoder", text_encoder, ["lora_te_", "lora_te_text_model_"]))
+    for comp, model, prefixes in parts:
+        for name, m in model.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            flat = name.replace(".", "_")
+            for p in prefixes:
+                out[p + flat] = (comp, name, m)
+            out[f"{comp}.{name}"] = (comp, name, m)
+            if comp == "text_encoder" and not name.startswith("text_model"):
+                out[f"text_encoder.text_model.{name}"] = (comp, name, m)
+    return out
+
+
+def _family_hint(info: LoraInfo) -> str:
+    widths = [e["down"][1] for p, e in info.modules.items() if ("attn2_to_k" in p or "attn2.to_k" in p)]
+    if widths and widths[0] in TEXT_WIDTH_FAMILY:
+        return f" (its cross-attention takes {widths[0]}-d text: a {TEXT_WIDTH_FAMILY[widths[0]]} LoRA)"
+    return ""
+
+
+def check_lora_against_model(info: LoraInfo, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
+    """Check that every module a LoRA names exists in the base model with a matching shape.
+
+    Works on meta-device models too (only names and shapes are read).
+
+    :return: {"unet": n, "text_encoder": n} modules touched per component.
+    :raises LoraError: naming the first unmatched key or shape mismatch.
+    """
+    mm = module_map(unet, text_encoder)
+    touched = {"unet": 0, "text_encoder": 0}
+    missing = [p for p in info.modules if p not in mm]
+    if missing:
+        raise LoraError(
+            f"{info.path.name}: {len(missing)} of {len(info.modules)} LoRA modules match nothing in the base model, "
+            f"e.g. '{missing[0]}'{_family_hint(info)}"
+        )
+    for prefix, e in info.modules.items():
+        comp, name, m = mm[prefix]
+        if isinstance(m, torch.nn.Linear):
+            want_in, want_out = m.in_features, m.out_features
+        else:
+            want_in, want_out = m.in_channels, m.out_channels
+        if e["down"][1] != want_in or e["up"][0] != want_out:
+            raise LoraError(
+                f"{info.path.name}: '{prefix}' has shape {want_in}->{want_out} in the base model but "
+                f"{e['down'][1]}->{e['up'][0]} in the LoRA{_family_hint(info)}"
+            )
+        touched[comp] += 1
+    return touched
+
+
+def count_loaded_modules(pipe, adapter_name: str) -> int:
+    """How many modules of ``pipe`` carry LoRA layers of ``adapter_name`` after loading."""
+    n = 0
+    for comp in ("unet", "text_encoder"):
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
+        for m in model.modules():
+            la = getattr(m, "lora_A", None)
+            if isinstance(la, torch.nn.ModuleDict) and adapter_name in la:
+                n += 1
+    return n
+
+
+def load_lora(pipe, path: str | Path, adapter_name: str, weight: float = 1.0) -> LoraInfo:
+    """Check a LoRA file against ``pipe``'s base model, load it through diffusers and activate it.
+
+    :param pipe: a diffusers Stable Diffusion pipeline.
+    :param path: the LoRA ``.safetensors`` file (kohya/Civitai or diffusers layout).
+    :param adapter_name: name of the peft adapter (the LoRA's slug).
+    :param weight: LoRA scale on both UNet and text encoder (the paper uses 1.0).
+    :raises LoraError: before anything is loaded if the file cannot apply cleanly.
+    """
+    info = inspect_lora(path)
+    check_lora_against_model(info, pipe.unet, getattr(pipe, "text_encoder", None))
+    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    loaded = count_loaded_modules(pipe, adapter_name)
+    if loaded != len(info.modules):
+        pipe.delete_adapters(adapter_name)
+        raise LoraError(f"{Path(path).name}: diffusers applied {loaded} of the {len(info.modules)} modules in the file")
+    # Set explicitly on every load: a call at scale 0 can reset adapter weights.
+    pipe.set_adapters([adapter_name], adapter_weights=[weight])
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny seeded LoRAs in the Civitai/kohya key layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _kohya_targets(unet, text_encoder, locon: bool) -> list[tuple[str, torch.nn.Module]]:
+    """Modules a kohya trainer targets: attention/MLP projections (+ resnet convs for LoCon)."""
+    targets = []
+    for name, m in unet.named_modules():
+        in_attn = ".attentions." in f".{name}"
+        if in_attn and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ("transformer_blocks" in name or name.endswith(("proj_in", "proj_out"))):
+            targets.append(("lora_unet_" + name.replace(".", "_"), m))
+        elif locon and isinstance(m, torch.nn.Conv2d) and (".resnets." in f".{name}") and name.endswith(("conv1", "conv2")):
+            targets.append(("lora_unet_" + name.replace(".", "_"), m))
+    for name, m in text_encoder.named_modules():
+        if isinstance(m, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name):
+            flat = name.replace(".", "_")
+            if not flat.startswith("text_model_"):
+                flat = "text_model_" + flat
+            targets.append(("lora_te_" + flat, m))
+    return targets
+
+
+def make_tiny_lora(unet, text_encoder, spec: dict, twin_base: dict | None = None) -> dict[str, torch.Tensor]:
+    """Seeded LoRA weights in kohya layout for the tiny base model.
+
+    :param spec: catalog entry: seed, rank, alpha, strength (size of W' - W relative
+        to W), layout (lora | locon); optional twin_of/twin_mix.
+    :param twin_base: the state dict of the LoRA this one is a near-twin of; the
+        result is ``(1 - mix) * twin + mix * own`` per tensor (before alpha).
+    :return: state dict with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
+    """
+    g = torch.Generator().manual_seed(int(spec["seed"]))
+    r = int(spec.get("rank", 4))
+    alpha = float(spec.get("alpha", r))
+    strength = float(spec["strength"])
+    mix = float(spec.get("twin_mix", 1.0))
+    sd: dict[str, torch.Tensor] = {}
+    for key, m in _kohya_targets(unet, text_encoder, spec.get("layout", "lora") == "locon"):
+        w = m.weight.detach()
+        if isinstance(m, torch.nn.Linear):
+            down = torch.randn(r, m.in_features, generator=g) / math.sqrt(m.in_features)
+            up_shape = (m.out_features, r)
+        else:
+            kh, kw = m.kernel_size
+            down = torch.randn(r, m.in_channels, kh, kw, generator=g) / math.sqrt(m.in_channels * kh * kw)
+            up_shape = (m.out_channels, r, 1, 1)
+        # std(delta W) = (alpha / r) * sqrt(r) * sigma * std(down row . x) ~= strength * std(W)
+        sigma = strength * float(w.std()) * math.sqrt(w[0].numel()) * r / (alpha * math.sqrt(r))
+        up = torch.randn(up_shape, generator=g) * sigma / math.sqrt(w[0].numel())
+        if twin_base is not None:
+            down = (1 - mix) * twin_base[f"{key}.lora_down.weight"] + mix * down
+            up = (1 - mix) * twin_base[f"{key}.lora_up.weight"] + mix * up
+        sd[f"{key}.lora_down.weight"] = down.contiguous()
+        sd[f"{key}.lora_up.weight"] = up.contiguous()
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def ensure_tiny_loras(catalog: list[dict], lora_dir: str | Path, base_dir: str | Path) -> list[Path]:
+    """Write the tiny profile's seeded LoRA files (once) for every catalog entry.
+
+    :return: the file paths, in catalog order.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    lora_dir = Path(lora_dir)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    paths = [lora_dir / e["file"] for e in catalog]
+    stamp_path = lora_dir / "lorafind_tiny.json"
+    stamp = json.dumps({"catalog": catalog, "base": str(Path(base_dir).resolve())}, sort_keys=True)
+    if all(p.exists() for p in paths) and stamp_path.exists() and stamp_path.read_text() == stamp:
+        return paths
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder")
+    made: dict[str, dict] = {}
+    for e, p in zip(catalog, paths):
+        twin = made.get(e["twin_of"]) if e.get("twin_of") else None
+        if e.get("twin_of") and twin is None:
+            raise ValueError(f"tiny catalog: '{e['slug']}' is a twin of '{e['twin_of']}', which must come first")
+        sd = make_tiny_lora(unet, te, e, twin)
+        made[e["slug"]] = sd
+        tmp = p.with_suffix(".tmp")
+        save_file(sd, str(tmp), metadata={"ss_network_module": "networks.lora", "lorafind_tiny": e["slug"]})
+        os.replace(tmp, p)
+    stamp_path.write_text(stamp)
+    return paths
