@@ -1,0 +1,136 @@
+"""The ``lorafind`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, OSError)
+
+
+def _profile_arg(p):
+    p.add_argument("--profile", default="tiny", help="tiny (default, CPU, offline) | paper | path to a profile YAML")
+    p.add_argument("--runs-dir", help="override the profile's runs_dir (outputs)")
+
+
+def _overrides(args) -> dict:
+    o = {}
+    if getattr(args, "runs_dir", None):
+        o["runs_dir"] = args.runs_dir
+    if getattr(args, "figures_dir", None):
+        o["figures_dir"] = args.figures_dir
+    return o
+
+
+def cmd_study(args):
+    from .runner import run_study
+
+    run_study(args.profile, only=args.only, start=getattr(args, "from"), overrides=_overrides(args))
+
+
+def cmd_synthesize(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .config import load_profile, resolve, stage_params
+    from .figures import synthesis_grid
+    from .synthesis import synthesize
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, "01_synthesize")
+    if args.sets:
+        p["sets"] = args.sets
+    if args.max_images is not None:
+        p["max_images"] = args.max_images
+    man = synthesize(cfg, p)
+    synth = resolve(cfg["runs_dir"]) / "synth"
+    for s in p["sets"]:
+        out = resolve(cfg["figures_dir"]) / f"synthesis_grid_{s}.png"
+        synthesis_grid(man, synth, resolve(cfg["base_images"][s]), s, out_png=out)
+        print(f"grid: {out}")
+    print(f"{len(man['items'])} images in {synth} ({len(man['skipped'])} base images skipped)")
+
+
+def cmd_lora_check(args):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .config import load_profile
+    from .loras import check_lora_against_model, inspect_lora
+    from .synthesis import prepare_models, quiet_libraries
+
+    quiet_libraries()
+    cfg = load_profile(args.profile)
+    info = inspect_lora(args.file)
+    base, _ = prepare_models(cfg)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    touched = check_lora_against_model(info, unet, te)
+    print(f"OK  {info.summary()}")
+    print(f"    loads onto {cfg['models']['base']}: {touched['unet']} UNet modules, {touched['text_encoder']} text-encoder modules")
+
+
+def cmd_bench(args):
+    from .bench import bench_synth
+    from .config import load_profile
+
+    cfg = load_profile(args.profile, _overrides(args))
+    res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(res))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lorafind", description="Find the LoRAs that paint in an image's style; reproduce the study.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("study", help="run the study's notebooks headlessly with papermill")
+    _profile_arg(p)
+    p.add_argument("--only", nargs="+", help="run only these stages, e.g. --only 01")
+    p.add_argument("--from", help="start at this stage, e.g. --from 02")
+    p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("synthesize", help="stage 01: restyle the base images with every LoRA")
+    _profile_arg(p)
+    p.add_argument("--sets", nargs="+", help="base-image sets (default: the profile's)")
+    p.add_argument("--max-images", type=int, help="first N images of each set (0 = all)")
+    p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("lora", help="LoRA file tools")
+    lsub = p.add_subparsers(dest="lora_cmd", required=True)
+    c = lsub.add_parser("check", help="will this file load onto the profile's base model? (never unpickles)")
+    c.add_argument("file")
+    c.add_argument("--profile", default="tiny")
+    c.set_defaults(func=cmd_lora_check)
+
+    p = sub.add_parser("bench", help="benchmarks (ratios against a baseline in the same run)")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    b = bsub.add_parser("synth", help="stage-01 pipeline vs a naive loop")
+    _profile_arg(b)
+    b.add_argument("--images", type=int, default=8)
+    b.add_argument("--loras", type=int, default=3)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runner import StageFailed
+
+    try:
+        args.func(args)
+    except (StageFailed, *USER_ERRORS) as e:
+        print(f"lorafind: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafind: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

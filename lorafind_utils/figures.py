@@ -1,0 +1,41 @@
+"""Figures drawn only from artifacts on disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from PIL import Image
+
+from .images import load_rgb, square_resize
+
+
+def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, set_name: str, n_images: int = 6,
+                   out_png: str | Path | None = None, resolution: int | None = None):
+    """The paper's Figure 7 layout: rows = LoRAs, columns = base images (first row: the originals).
+
+    :param manifest: the stage-01 manifest.
+    :param n_images: how many base images (the first ones of the set).
+    :return: the matplotlib figure (also saved to ``out_png`` when given).
+    """
+    synth_dir, base_dir = Path(synth_dir), Path(base_dir)
+    ids = manifest["sets"][set_name][:n_images]
+    loras = manifest["loras"]
+    res = resolution or manifest["params"]["resolution"]
+    rows = 1 + len(loras)
+    fig, axes = plt.subplots(rows, len(ids), figsize=(1.3 * len(ids) + 1.2, 1.3 * rows), squeeze=False)
+    by_id = {Path(f).stem: f for f in (p.name for p in base_dir.iterdir())}
+    for j, img in enumerate(ids):
+        axes[0, j].imshow(square_resize(load_rgb(base_dir / by_id[img]), res))
+        for i, e in enumerate(loras, start=1):
+            axes[i, j].imshow(Image.open(synth_dir / set_name / e["slug"] / f"{img}.png"))
+    for i in range(rows):
+        for j in range(len(ids)):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[i, 0].set_ylabel("base image" if i == 0 else loras[i - 1]["short"], rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Restyled '{set_name}' images (rows: LoRA, columns: base image)", fontsize=10)
+    fig.tight_layout()
+    if out_png:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    return fig

@@ -1,0 +1,271 @@
+"""Stage 01: restyle base images with SD1.5 + ControlNet-Canny + each LoRA (the paper's F sets).
+
+Layout of the output (``<runs_dir>/synth``)::
+
+    params.json                      every parameter of the run (written first; a rerun must match)
+    <set>/<lora>/<image>.png         one restyled image per (set, LoRA, base image)
+    manifest.json                    parameters + every item (file, seed) + skipped inputs
+
+Writes are atomic (temporary file + rename), so a killed run leaves no
+half-written PNG, and a rerun skips finished images: a resumed run ends with
+exactly the files and manifest of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import load_catalog, resolve
+from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
+from .loras import LoraError, check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and info logs of diffusers/transformers (we show our own)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def item_seed(seed: int, lora: str, image_id: str) -> int:
+    """A per-image seed from (run seed, LoRA, base image): independent of batch size and order."""
+    h = hashlib.sha256(f"{seed}|{lora}|{image_id}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def canny_image(im: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """OpenCV Canny edges of an RGB image as a 3-channel control image (white edges on black)."""
+    edges = cv2.Canny(np.asarray(im.convert("L")), int(low), int(high))
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+def prepare_models(cfg: dict) -> tuple[str, str]:
+    """Where the base pipeline and ControlNet load from (building the tiny ones on first use)."""
+    m = cfg["models"]
+    if m.get("kind") == "tiny":
+        from .tiny_models import ensure_tiny_models
+
+        b, c = ensure_tiny_models(resolve(m["base"]), resolve(m["controlnet"]), seed=int(m.get("seed", 0)))
+        return str(b), str(c)
+    # hub id or local folder: from_pretrained handles both (and the huggingface_hub cache).
+    local = [resolve(x) for x in (m["base"], m["controlnet"])]
+    return tuple(str(p) if p.exists() else x for p, x in zip(local, (m["base"], m["controlnet"])))  # type: ignore
+
+
+def prepare_loras(cfg: dict) -> list[dict]:
+    """The catalog with files in place: tiny LoRAs are built; real ones must have been fetched."""
+    catalog = load_catalog(cfg)
+    if cfg["models"].get("kind") == "tiny":
+        base, _ = prepare_models(cfg)
+        ensure_tiny_loras(catalog, resolve(cfg["lora_dir"]), base)
+    missing = [e["path"] for e in catalog if not Path(e["path"]).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} LoRA files are missing (e.g. {missing[0]}); run `lorafind fetch --profile {cfg['name']}`"
+        )
+    return catalog
+
+
+def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "float32"):
+    """SD1.5 ControlNet img2img pipeline, loaded with ``from_pretrained`` for both profiles.
+
+    The scheduler is UniPC (from the checkpoint's own scheduler config), as
+    diffusers recommends for ControlNet at ~20 steps.
+    """
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, UniPCMultistepScheduler
+
+    quiet_libraries()
+    base, cn = prepare_models(cfg)
+    device = pick_device(str(device))
+    torch_dtype = DTYPES[dtype] if device.type != "cpu" else torch.float32
+    controlnet = ControlNetModel.from_pretrained(cn, torch_dtype=torch_dtype)
+    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        base, controlnet=controlnet, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class Prepared:
+    """A base image decoded, resized and edge-detected once, reused for every LoRA."""
+
+    image: BaseImage
+    init: Image.Image
+    control: Image.Image
+
+
+def prepare_base_images(images: list[BaseImage], resolution: int, low: int, high: int) -> tuple[list[Prepared], list[dict]]:
+    """Decode + resize + Canny every base image once; unreadable ones are returned as skips."""
+    ok, skipped = [], []
+    for b in images:
+        try:
+            im = square_resize(load_rgb(b.path), resolution)
+        except ImageError as e:
+            skipped.append({"image": b.id, "file": b.path.name, "reason": str(e)})
+            continue
+        ok.append(Prepared(b, im, canny_image(im, low, high)))
+    return ok, skipped
+
+
+def _save_png_atomic(im: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: str = "") -> list[Image.Image]:
+    """One pipeline call for a batch: each image gets its own CPU generator.
+
+    With an empty prompt and no negative prompt the conditional and unconditional
+    embeddings are identical, so classifier-free guidance changes nothing but
+    doubles the UNet work: it is skipped (guidance 1.0).
+    """
+    guidance = float(p.get("guidance_scale", 1.0)) if prompt else 1.0
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(
+        prompt=[prompt] * len(prepared),
+        image=[x.init for x in prepared],
+        control_image=[x.control for x in prepared],
+        strength=float(p["strength"]),
+        num_inference_steps=int(p["steps"]),
+        controlnet_conditioning_scale=float(p["controlnet_scale"]),
+        guidance_scale=guidance,
+        generator=gens,
+        output_type="pil",
+    )
+    return out.images
+
+
+SYNTH_KEYS = ("resolution", "steps", "strength", "controlnet_scale", "guidance_scale", "canny_low", "canny_high", "seed", "dtype")
+
+
+def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True) -> dict:
+    """Make the F sets: every (LoRA, set, base image) restyled once. Resumable.
+
+    :param cfg: the profile (models, catalog, base-image sets).
+    :param params: stage parameters (see ``configs/tiny.yaml`` ``01_synthesize``).
+    :param out_dir: output folder (default ``<runs_dir>/synth``).
+    :param pipe: an already-loaded pipeline (else loaded from the profile).
+    :return: the manifest (also written to ``<out_dir>/manifest.json``).
+    :raises LoraError: a LoRA that cannot load, before any image is made.
+    """
+    out_dir = Path(out_dir) if out_dir else resolve(cfg["runs_dir"]) / "synth"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    catalog = prepare_loras(cfg)
+    if pipe is None:
+        pipe = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
+    # Every LoRA is checked against the base model before the first image is made.
+    infos = {}
+    for e in catalog:
+        info = inspect_lora(e["path"])
+        check_lora_against_model(info, pipe.unet, pipe.text_encoder)
+        infos[e["slug"]] = info
+    run_params = {k: params[k] for k in SYNTH_KEYS if k in params}
+    run_params.update(
+        sets=list(params["sets"]), max_images=int(params.get("max_images", 0)), prompt="",
+        base_model=cfg["models"]["base"], controlnet=cfg["models"]["controlnet"], lora_weight=1.0,
+        loras=[e["slug"] for e in catalog], scheduler=type(pipe.scheduler).__name__,
+    )
+    pfile = out_dir / "params.json"
+    if pfile.exists():
+        old = json.loads(pfile.read_text())
+        if old != run_params:
+            diff = sorted(k for k in set(old) | set(run_params) if old.get(k) != run_params.get(k))
+            raise ValueError(
+                f"{out_dir} holds images made with other parameters ({', '.join(diff)}); "
+                "delete it or choose another runs_dir"
+            )
+    else:
+        _write_json_atomic(run_params, pfile)
+
+    sets: dict[str, list[Prepared]] = {}
+    skipped: list[dict] = []
+    for name in params["sets"]:
+        if name not in cfg["base_images"]:
+            raise ValueError(f"unknown base-image set '{name}'; the profile has {sorted(cfg['base_images'])}")
+        imgs = read_base_set(resolve(cfg["base_images"][name]))
+        n = int(params.get("max_images", 0))
+        if n:
+            imgs = imgs[:n]
+        ok, bad = prepare_base_images(imgs, int(params["resolution"]), int(params["canny_low"]), int(params["canny_high"]))
+        sets[name] = ok
+        skipped += [dict(b, set=name) for b in bad]
+
+    items, todo = [], []
+    for e in catalog:
+        for name, prepared in sets.items():
+            for x in prepared:
+                rel = f"{name}/{e['slug']}/{x.image.id}.png"
+                s = item_seed(int(params["seed"]), e["slug"], x.image.id)
+                items.append({"set": name, "lora": e["slug"], "image": x.image.id, "file": rel, "seed": s})
+                if not (out_dir / rel).exists():
+                    todo.append((e, name, x, rel, s))
+    bs = max(1, int(params.get("batch_size", 1)))
+    bar = tqdm(total=len(todo), desc="restyling", unit="img", disable=not progress)
+    for e in catalog:
+        mine = [t for t in todo if t[0]["slug"] == e["slug"]]
+        if not mine:
+            continue
+        load_lora(pipe, e["path"], e["slug"], weight=1.0)  # each LoRA loaded once
+        try:
+            for i in range(0, len(mine), bs):
+                chunk = mine[i : i + bs]
+                outs = restyle(pipe, [t[2] for t in chunk], [t[4] for t in chunk], params)
+                for (_, _, _, rel, _), im in zip(chunk, outs):
+                    (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _save_png_atomic(im, out_dir / rel)
+                bar.update(len(chunk))
+        finally:
+            pipe.unload_lora_weights()
+    bar.close()
+    manifest = {
+        "params": run_params,
+        "loras": [
+            {"slug": e["slug"], "short": e["short"], "file": Path(e["path"]).name, "layout": infos[e["slug"]].layout,
+             "rank": infos[e["slug"]].rank}
+            for e in catalog
+        ],
+        "sets": {k: [x.image.id for x in v] for k, v in sets.items()},
+        "items": items,
+        "skipped": skipped,
+    }
+    _write_json_atomic(manifest, out_dir / "manifest.json")
+    return manifest
+
+
+def read_manifest(synth_dir: str | Path) -> dict:
+    """Read a finished synthesis manifest; a run without one was interrupted."""
+    p = Path(synth_dir) / "manifest.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: stage 01 has not finished (run `lorafind synthesize`)")
+    return json.loads(p.read_text())

@@ -1,0 +1,78 @@
+"""Write the study notebooks from the cell sources below (outputs stripped).
+
+Run ``python scripts/make_notebooks.py`` after editing; tests check the notebooks
+are committed without outputs and that their parameter defaults match configs/tiny.yaml.
+"""
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+          "language_info": {"name": "python"}}
+
+NOTEBOOKS = {
+    "01_synthesize": [
+        ("md", """# 01 · Synthesize the style-transfer sets (F sets)
+
+Each base image is restyled by Stable Diffusion 1.5 + ControlNet-Canny + one LoRA at weight 1.0,
+with no prompt (the paper's §3.3, §4.1). Output: `<runs_dir>/synth/<set>/<lora>/<image>.png` + `manifest.json`.
+Rerunning resumes: finished images are skipped. The `tiny` profile uses seeded stand-in models (its images
+exercise the method, they are not the paper's); `paper` uses the real models."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+sets: list = ["variety", "faces"]  # base-image sets to restyle
+resolution: int = 64  # square output size in pixels
+steps: int = 10  # denoising steps
+strength: float = 0.8  # img2img strength (1.0 ignores the base image's pixels)
+controlnet_scale: float = 1.0  # ControlNet-Canny conditioning scale
+guidance_scale: float = 1.0  # classifier-free guidance; with the empty prompt it is skipped
+canny_low: int = 100  # Canny lower threshold
+canny_high: int = 200  # Canny upper threshold
+batch_size: int = 8  # images per pipeline call
+seed: int = 0  # base seed; every image gets its own seed from (seed, LoRA, image)
+max_images: int = 0  # 0 = every image of each set; N = the first N (quick runs)
+dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU only)
+grid_images: int = 6  # base images shown per row of the grid figure"""),
+        ("code", """from lorafind_utils import load_profile, resolve
+from lorafind_utils.synthesis import synthesize
+from lorafind_utils.figures import synthesis_grid
+
+cfg = load_profile(profile, overrides)
+params = dict(sets=sets, resolution=resolution, steps=steps, strength=strength, controlnet_scale=controlnet_scale,
+              guidance_scale=guidance_scale, canny_low=canny_low, canny_high=canny_high, batch_size=batch_size,
+              seed=seed, max_images=max_images, dtype=dtype)
+synth_dir = resolve(cfg["runs_dir"]) / "synth"
+figures_dir = resolve(cfg["figures_dir"])
+print(f"profile {cfg['name']}: {cfg['description']}")"""),
+        ("code", """manifest = synthesize(cfg, params, synth_dir)
+print(f"{len(manifest['items'])} restyled images in {synth_dir}")
+for s in manifest["skipped"]:
+    print("skipped:", s)"""),
+        ("md", "## Figure 7 layout: rows are LoRAs, columns are base images"),
+        ("code", """for s in sets:
+    fig = synthesis_grid(manifest, synth_dir, resolve(cfg["base_images"][s]), s, n_images=grid_images,
+                         out_png=figures_dir / f"synthesis_grid_{s}.png")"""),
+    ],
+}
+
+
+def build(name: str, cells) -> nbf.NotebookNode:
+    nb = nbf.v4.new_notebook(metadata=KERNEL)
+    for kind, src in cells:
+        if kind == "md":
+            nb.cells.append(nbf.v4.new_markdown_cell(src))
+        elif kind == "params":
+            nb.cells.append(nbf.v4.new_code_cell(src, metadata={"tags": ["parameters"]}))
+        else:
+            nb.cells.append(nbf.v4.new_code_cell(src))
+    for i, c in enumerate(nb.cells):
+        c["id"] = f"{name[:2]}-{i:02d}"
+    return nb
+
+
+if __name__ == "__main__":
+    for name, cells in NOTEBOOKS.items():
+        path = ROOT / "notebooks" / f"{name}.ipynb"
+        nbf.write(build(name, cells), path)
+        print("wrote", path)
