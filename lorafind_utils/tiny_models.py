@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 #: Bumped whenever the tiny architecture or weights change (cache invalidation).
-TINY_MODEL_VERSION = "3"
+TINY_MODEL_VERSION = "4"
 
 UNET_OUT_GAIN = 4.0
 
@@ -187,7 +187,14 @@ def build_tiny_components(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed + 1)
     for block in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
         _seeded_(block, g, 0.05)
-    _seeded_(controlnet.controlnet_cond_embedding.conv_out, g, 0.05)
+    # Its conditioning encoder keeps PyTorch's default init, whose activations shrink
+    # layer by layer until edges barely register: He-normal init keeps them at scale.
+    for conv in controlnet.controlnet_cond_embedding.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            fan_in = conv.weight[0].numel()
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
     scheduler = UniPCMultistepScheduler(**SD15_SCHEDULER)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler, controlnet=controlnet)
 

@@ -1,0 +1,30 @@
+# make study  -- create .venv if missing, install, run the whole study (PROFILE=tiny by default)
+# make test   -- create .venv if missing, install, run the test suite
+PROFILE ?= tiny
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install study test bench clean-runs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+study: install
+	$(BIN)/lorafind study --profile $(PROFILE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/lorafind bench synth --profile $(PROFILE)
+
+clean-runs:
+	rm -rf runs/$(PROFILE) papermill_runs/$(PROFILE)

@@ -1,0 +1,61 @@
+"""The study runner: papermill runs notebook 01 end to end; failures name notebook and cell; no secrets recorded."""
+import json
+
+import nbformat
+import pytest
+from PIL import Image
+
+from lorafind_utils.records import read_records, scrub
+from lorafind_utils.runner import StageFailed, discover_notebooks, run_study, select
+
+from conftest import tiny_overrides
+
+
+def test_select_only_and_from():
+    nbs = discover_notebooks()
+    assert nbs[0].name == "01_synthesize.ipynb"
+    assert select(nbs, only=["01"]) == nbs[:1]
+    assert select(nbs, start="01") == nbs
+    with pytest.raises(ValueError, match="no notebook"):
+        select(nbs, only=["99"])
+
+
+def test_scrub_removes_secrets(monkeypatch):
+    monkeypatch.setenv("CIVITAI_TOKEN", "s3cr3t-value")
+    out = scrub({"api_token": "abc", "url": "https://x/?token=s3cr3t-value", "n": 1})
+    assert out == {"api_token": "<redacted>", "url": "https://x/?token=<redacted>", "n": 1}
+
+
+@pytest.mark.slow
+def test_study_runs_notebook_01(tiny_root, catalog, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIVITAI_TOKEN", "s3cr3t-value")
+    runs = tmp_path / "runs"
+    ov = {**tiny_overrides(tiny_root), "runs_dir": str(runs), "figures_dir": str(tmp_path / "fig"),
+          "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 2}}}
+    recs = run_study("tiny", only=["01"], overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
+    assert [r["stage"] for r in recs] == ["01_synthesize"] and recs[0]["status"] == "ok"
+    nb = nbformat.read(tmp_path / "pm" / "01_synthesize.ipynb", as_version=4)
+    assert nb.metadata["papermill"]["parameters"]["max_images"] == 2
+    man = json.loads((runs / "synth" / "manifest.json").read_text())
+    assert len(man["items"]) == 12 * 2 and man["params"]["max_images"] == 2
+    assert len(list((runs / "synth" / "variety").rglob("*.png"))) == 24
+    grid = Image.open(tmp_path / "fig" / "synthesis_grid_variety.png")
+    assert grid.size[0] > 100
+    rec = read_records(runs / "records.jsonl")[-1]
+    assert rec["wall_s"] > 0 and rec["peak_rss_mb"] > 50 and "torch" in rec["versions"] and "git_sha" in rec
+    text = (runs / "records.jsonl").read_text() + (tmp_path / "pm" / "01_synthesize.ipynb").read_text()
+    assert "s3cr3t-value" not in text
+
+
+def test_failure_names_notebook_and_cell(tmp_path):
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("profile = 'tiny'  # p\noverrides = {}  # o", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("raise RuntimeError('stage exploded')")]
+    d = tmp_path / "nbs"
+    d.mkdir()
+    nbformat.write(nb, d / "01_broken.ipynb")
+    with pytest.raises(StageFailed, match=r"01_broken.ipynb failed in cell \d.*RuntimeError: stage exploded"):
+        run_study("tiny", overrides={"runs_dir": str(tmp_path / "r")}, notebooks_dir=d, output_dir=tmp_path / "o", log=lambda *a: None)
+    rec = read_records(tmp_path / "r" / "records.jsonl")[-1]
+    assert rec["status"] == "failed" and "stage exploded" in rec["error"]
