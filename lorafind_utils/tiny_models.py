@@ -186,7 +186,7 @@ def build_tiny_components(seed: int = 0) -> dict:
     # effect at all; give them seeded weights so Canny edges steer the tiny model.
     g = torch.Generator().manual_seed(seed + 1)
     for block in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
-        _seeded_(block, g, 0.05)
+        _seeded_(block, g, 0.3)
     # Its conditioning encoder keeps PyTorch's default init, whose activations shrink
     # layer by layer until edges barely register: He-normal init keeps them at scale.
     for conv in controlnet.controlnet_cond_embedding.modules():

@@ -39,4 +39,4 @@ def test_control_image_steers_the_output(tiny_pipe):
     kw = dict(prompt="", image=init, strength=0.5, num_inference_steps=4, output_type="np")
     a = tiny_pipe(control_image=Image.fromarray(edges), generator=torch.Generator().manual_seed(0), **kw).images[0]
     b = tiny_pipe(control_image=Image.fromarray(np.zeros_like(edges)), generator=torch.Generator().manual_seed(0), **kw).images[0]
-    assert np.abs(a - b).mean() > 0.01
+    assert np.abs(a - b).mean() > 0.005  # an un-initialised ControlNet gives ~2e-6
