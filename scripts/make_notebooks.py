@@ -31,7 +31,7 @@ canny_low: int = 100  # Canny lower threshold
 canny_high: int = 200  # Canny upper threshold
 batch_size: int = 8  # images per pipeline call
 seed: int = 0  # base seed; every image gets its own seed from (seed, LoRA, image)
-max_images: int = 0  # 0 = every image of each set; N = the first N (quick runs)
+max_images: int = 0  # 0 means every image of each set, N the first N images (quick runs)
 dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU only)
 grid_images: int = 6  # base images shown per row of the grid figure"""),
         ("code", """from lorafind_utils import load_profile, resolve

@@ -79,3 +79,12 @@ def test_paper_profile_lists_the_papers_models():
     assert ids == {60568, 19065, 25661, 42314, 169568, 269819, 30572, 180175, 231819, 188417, 113534, 228470}
     for e in cat:
         assert str(e["civitai_version_id"]) in e["url"]
+
+
+def test_papermill_understands_every_parameter():
+    import papermill as pm
+
+    for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        seen = pm.inspect_notebook(str(p))
+        assert set(seen) == set(_parameters(p)), f"{p.name}: papermill --help-notebook misses some parameters"
+        assert all(v["help"] for v in seen.values())
