@@ -34,7 +34,7 @@ def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, 
             axes[i, j].set_yticks([])
         axes[i, 0].set_ylabel("base image" if i == 0 else loras[i - 1]["short"], rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"Restyled '{set_name}' images (rows: LoRA, columns: base image)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     if out_png:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=110)

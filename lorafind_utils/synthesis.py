@@ -100,9 +100,9 @@ def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "
     base, cn = prepare_models(cfg)
     device = pick_device(str(device))
     torch_dtype = DTYPES[dtype] if device.type != "cpu" else torch.float32
-    controlnet = ControlNetModel.from_pretrained(cn, torch_dtype=torch_dtype)
+    controlnet = ControlNetModel.from_pretrained(cn, dtype=torch_dtype)
     pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
-        base, controlnet=controlnet, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        base, controlnet=controlnet, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
