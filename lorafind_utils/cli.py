@@ -51,6 +51,31 @@ def cmd_synthesize(args):
     print(f"{len(man['items'])} images in {synth} ({len(man['skipped'])} base images skipped)")
 
 
+def cmd_train(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .config import load_catalog, load_profile, resolve, stage_params
+    from .figures import confusion_heatmap, training_curves
+    from .finetune import PAPER_TABLE2, run_finetune, table2_rows, write_table
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, "02_finetune")
+    for k in ("epochs", "n_train", "train_set"):
+        if getattr(args, k) is not None:
+            p[k] = getattr(args, k)
+    res = run_finetune(cfg, p)
+    m = res["metrics"]
+    fig_dir = resolve(cfg["figures_dir"])
+    rows = table2_rows(m, f"{m['train_base_images']} {p['train_set']} images", f"{m['val_base_images']} {p['val_set']} images")
+    df = write_table(rows, fig_dir / "table2_rows12", paper=PAPER_TABLE2)
+    training_curves(res["history"], m["finetuned"]["best_epoch"], fig_dir / "figure6_curves.png")
+    confusion_heatmap(m["finetuned"]["confusion_matrix"], [e["short"] for e in load_catalog(cfg)], fig_dir / "confusion_matrix.png")
+    print(f"backbone: {m['backbone']}")
+    print(df.to_string(index=False))
+    print(f"artifacts: {res['out_dir']}; figures: {fig_dir}")
+
+
 def cmd_lora_check(args):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -71,11 +96,14 @@ def cmd_lora_check(args):
 
 
 def cmd_bench(args):
-    from .bench import bench_synth
+    from .bench import bench_synth, bench_train
     from .config import load_profile
 
     cfg = load_profile(args.profile, _overrides(args))
-    res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
+    if args.bench_cmd == "train":
+        res = bench_train(cfg, n_images=args.images, epochs=args.epochs)
+    else:
+        res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(res))
 
@@ -98,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_synthesize)
 
+    p = sub.add_parser("train", help="stage 02: fine-tune the ResNet50 classifier and evaluate the baselines")
+    _profile_arg(p)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--n-train", type=int, help="training base images per class (0 = all)")
+    p.add_argument("--train-set", help="restyled set to train on (default: the profile's)")
+    p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("lora", help="LoRA file tools")
     lsub = p.add_subparsers(dest="lora_cmd", required=True)
     c = lsub.add_parser("check", help="will this file load onto the profile's base model? (never unpickles)")
@@ -112,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=8)
     b.add_argument("--loras", type=int, default=3)
     b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("train", help="stage-02 data pipeline vs an ImageFolder + PIL loop (needs stage 01)")
+    _profile_arg(b)
+    b.add_argument("--images", type=int, default=384)
+    b.add_argument("--epochs", type=int, default=2)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return ap

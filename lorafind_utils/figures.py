@@ -39,3 +39,42 @@ def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, 
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=110)
     return fig
+
+
+def training_curves(history: list[dict], best_epoch: int, out_png: str | Path | None = None, title: str = ""):
+    """The paper's Figure 6: training/validation loss and accuracy per epoch (best epoch marked)."""
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        long = df.melt(id_vars="epoch", value_vars=[f"train_{metric}", f"val_{metric}"], var_name="split", value_name=label)
+        long["split"] = long["split"].str.replace(f"_{metric}", "", regex=False).map({"train": "training", "val": "validation"})
+        sns.lineplot(data=long, x="epoch", y=label, hue="split", marker="o", ax=ax)
+        ax.axvline(best_epoch, color="grey", ls="--", lw=1)
+        ax.set_title(f"{label} (best epoch {best_epoch})")
+    fig.suptitle(title or "Fine-tuning curves", fontsize=10)
+    fig.tight_layout()
+    if out_png:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    return fig
+
+
+def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = None, title: str = ""):
+    """Confusion matrix (rows: true LoRA, columns: predicted) as a seaborn heatmap."""
+    import numpy as np
+    import seaborn as sns
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2.5, 0.5 * len(names) + 1.8))
+    sns.heatmap(m, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=names, yticklabels=names, ax=ax)
+    ax.set_xlabel("predicted LoRA")
+    ax.set_ylabel("true LoRA")
+    ax.set_title(title or "Confusion matrix (validation)", fontsize=10)
+    fig.tight_layout()
+    if out_png:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    return fig

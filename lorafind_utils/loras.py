@@ -289,7 +289,8 @@ def make_tiny_lora(unet, text_encoder, spec: dict, twin_base: dict | None = None
             down = torch.randn(r, m.in_channels, kh, kw, generator=g) / math.sqrt(m.in_channels * kh * kw)
             up_shape = (m.out_channels, r, 1, 1)
         # std(delta W) = (alpha / r) * sqrt(r) * sigma * std(down row . x) ~= strength * std(W)
-        sigma = strength * float(w.std()) * math.sqrt(w[0].numel()) * r / (alpha * math.sqrt(r))
+        s = float(spec.get("te_strength", strength)) if key.startswith("lora_te_") else strength
+        sigma = s * float(w.std()) * math.sqrt(w[0].numel()) * r / (alpha * math.sqrt(r))
         up = torch.randn(up_shape, generator=g) * sigma / math.sqrt(w[0].numel())
         if twin_base is not None:
             down = (1 - mix) * twin_base[f"{key}.lora_down.weight"] + mix * down

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 #: Bumped whenever the tiny architecture or weights change (cache invalidation).
-TINY_MODEL_VERSION = "4"
+TINY_MODEL_VERSION = "5"
 
 UNET_OUT_GAIN = 4.0
+CROSS_ATTN_GAIN = 25.0
 
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -154,6 +155,11 @@ def build_tiny_components(seed: int = 0) -> dict:
         # Louder noise predictions: the random UNet (and so every LoRA on it) visibly
         # restyles the image instead of adding a faint ripple to it.
         unet.conv_out.weight.mul_(UNET_OUT_GAIN)
+        # Louder cross-attention: with the empty prompt the text tokens are constant, so
+        # this path adds a content-independent signature that TE/attn2 LoRAs change.
+        for name, m in unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                m.weight.mul_(CROSS_ATTN_GAIN)
     vae = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32),
         in_channels=3,

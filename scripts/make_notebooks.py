@@ -54,6 +54,53 @@ for s in manifest["skipped"]:
     fig = synthesis_grid(manifest, synth_dir, resolve(cfg["base_images"][s]), s, n_images=grid_images,
                          out_png=figures_dir / f"synthesis_grid_{s}.png")"""),
     ],
+    "02_finetune": [
+        ("md", """# 02 · Fine-tune the modified ResNet50 (Table 2 rows 1–2, Figure 6)
+
+ResNet50 with `layer3`, `layer4` and a two-layer head trainable learns which LoRA made an image (the paper's §3.2–3.3).
+The split is by base image: every restyled version of a base image is on one side. Baselines on the same validation set:
+the paper's "Pretrained ResNet50" (frozen backbone, untrained K-way head) and a linear probe (frozen backbone, trained head).
+The `tiny` profile has no ImageNet weights offline: its backbone is a seeded random ResNet50 with calibrated BatchNorm (said in the outputs)."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+train_set: str = "variety"  # restyled set to train on
+val_set: str = "variety"  # restyled set to validate on (split by base image)
+n_train: int = 0  # training base images per class; 0 means all after the split
+val_fraction: float = 0.2  # share of base images held out for validation (126 gives 100/26)
+split_seed: int = 0  # seed of the train/validation split
+image_size: int = 64  # classifier input size in pixels
+weights: str = "none"  # imagenet (torchvision enum) | none (seeded random init) | path to weights
+hidden: int = 512  # width of the added fully connected layer
+epochs: int = 15  # the paper's 15 epochs
+lr: float = 0.001  # the paper's learning rate (AdamW, CosineAnnealingLR)
+batch_size: int = 32  # images per step
+patience: int = 5  # early stopping patience in epochs; the best epoch is restored
+seed: int = 0  # training seed (init, order, augmentation)
+linear_probe: bool = True  # also train the frozen-backbone linear-probe baseline
+run_name: str = "finetune_variety"  # folder under runs/<profile>/train/"""),
+        ("code", """from lorafind_utils import load_catalog, load_profile, resolve
+from lorafind_utils.finetune import PAPER_TABLE2, run_finetune, table2_rows, write_table
+from lorafind_utils.figures import confusion_heatmap, training_curves
+
+cfg = load_profile(profile, overrides)
+params = dict(train_set=train_set, val_set=val_set, n_train=n_train, val_fraction=val_fraction, split_seed=split_seed,
+              image_size=image_size, weights=weights, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
+              patience=patience, seed=seed, linear_probe=linear_probe, run_name=run_name)
+figures_dir = resolve(cfg["figures_dir"])
+short = [e["short"] for e in load_catalog(cfg)]"""),
+        ("code", """result = run_finetune(cfg, params)
+m = result["metrics"]
+print(f"backbone: {m['backbone']}")
+print(f"train {m['n_train']} images ({m['train_base_images']} base images), validation {m['n_val']} ({m['val_base_images']} base images)")
+print(f"best epoch {m['finetuned']['best_epoch']} of {m['finetuned']['epochs_run']}; artifacts in {result['out_dir']}")"""),
+        ("md", "## Table 2, rows 1–2 (percent; the paper's values in separate columns)"),
+        ("code", """rows = table2_rows(m, f"{m['train_base_images']} {train_set} images", f"{m['val_base_images']} {val_set} images")
+write_table(rows, figures_dir / "table2_rows12", paper=PAPER_TABLE2)"""),
+        ("md", "## Figure 6: loss and accuracy per epoch; confusion matrix"),
+        ("code", """fig = training_curves(result["history"], m["finetuned"]["best_epoch"], figures_dir / "figure6_curves.png",
+                      title=f"Fine-tuning ({m['backbone']})")
+fig = confusion_heatmap(m["finetuned"]["confusion_matrix"], short, figures_dir / "confusion_matrix.png")"""),
+    ],
 }
 
 

@@ -27,13 +27,26 @@ def test_scrub_removes_secrets(monkeypatch):
 
 
 @pytest.mark.slow
-def test_study_runs_notebook_01(tiny_root, catalog, tmp_path, monkeypatch):
+def test_study_runs_notebooks_01_and_02(tiny_root, catalog, tmp_path, monkeypatch):
     monkeypatch.setenv("CIVITAI_TOKEN", "s3cr3t-value")
     runs = tmp_path / "runs"
     ov = {**tiny_overrides(tiny_root), "runs_dir": str(runs), "figures_dir": str(tmp_path / "fig"),
-          "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 2}}}
-    recs = run_study("tiny", only=["01"], overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
-    assert [r["stage"] for r in recs] == ["01_synthesize"] and recs[0]["status"] == "ok"
+          "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 2},
+                     "02_finetune": {"epochs": 2, "val_fraction": 0.5}}}
+    recs = run_study("tiny", only=["01", "02"], overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
+    assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune"] and all(r["status"] == "ok" for r in recs)
+    # stage 02 artifacts: checkpoint + label map, history, metrics with both baselines, split by base image
+    tr = runs / "train" / "finetune_variety"
+    metrics = json.loads((tr / "metrics.json").read_text())
+    split = json.loads((tr / "split.json").read_text())
+    assert split["train_ids"] and split["val_ids"] and not set(split["train_ids"]) & set(split["val_ids"])
+    assert metrics["n_val"] == 12 * len(split["val_ids"]) and metrics["n_train"] == 12 * len(split["train_ids"])
+    assert {"finetuned", "pretrained", "linear_probe"} <= set(metrics) and "random init" in metrics["backbone"]
+    assert 0 <= metrics["finetuned"]["accuracy"] <= 1 and metrics["finetuned"]["mrr"] >= metrics["finetuned"]["accuracy"]
+    assert (tr / "model.safetensors").exists() and json.loads((tr / "labels.json").read_text())["classes"] == [e["slug"] for e in catalog]
+    assert len((tr / "history.csv").read_text().splitlines()) == 1 + metrics["finetuned"]["epochs_run"]
+    for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md"):
+        assert (tmp_path / "fig" / f).exists(), f
     nb = nbformat.read(tmp_path / "pm" / "01_synthesize.ipynb", as_version=4)
     assert nb.metadata["papermill"]["parameters"]["max_images"] == 2
     man = json.loads((runs / "synth" / "manifest.json").read_text())

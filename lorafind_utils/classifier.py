@@ -1,0 +1,410 @@
+"""Stage 02: the modified ResNet50 that tells which LoRA made an image (the paper's §3.2-3.3).
+
+torchvision ``resnet50``; everything frozen except ``layer3``, ``layer4`` and the
+head, which is two fully connected layers (2048 -> hidden -> K), as the paper adds
+"one more fully connected layer".
+
+Choices the paper leaves open (documented in the README):
+
+* optimizer AdamW at the paper's learning rate 1e-3, weight decay 1e-4, batch 32;
+* augmentation: horizontal flip and a small random shift (pad 4 px + crop) only --
+  colour and texture *are* the style, so no colour jitter or blur;
+* early stopping monitors validation accuracy (ties: lower validation loss), patience 5,
+  and restores the best epoch's weights;
+* BatchNorm layers of the frozen part stay in eval mode (their ImageNet statistics are kept).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAINABLE = {"finetune": ("layer3", "layer4", "fc"), "probe": ("fc",), "none": ()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the catalog or is not a safe weights file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(num_classes: int, hidden: int = 512, weights: str = "imagenet", seed: int = 0, dropout: float = 0.2) -> nn.Module:
+    """ResNet50 with a two-layer head.
+
+    :param weights: ``imagenet`` (torchvision's ``ResNet50_Weights.IMAGENET1K_V2`` through its
+        weights enum and the torch hub cache), ``none`` (seeded random init, for offline use),
+        or a path to a ``.safetensors`` / ``.pth`` state dict (read with ``weights_only=True``).
+    """
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    torch.manual_seed(seed)
+    if weights == "imagenet":
+        model = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
+    elif weights in ("none", None, ""):
+        model = resnet50(weights=None)
+    else:
+        model = resnet50(weights=None)
+        model.load_state_dict(load_state_dict(weights))
+    model.fc = nn.Sequential(nn.Linear(2048, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    return model
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """Read weights without unpickling arbitrary objects (safetensors, or ``weights_only=True``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary pickled objects
+        raise CheckpointError(f"{path.name}: not a plain weights file ({type(e).__name__}); refused") from None
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> None:
+    """Set every BatchNorm's running statistics from data (cumulative average over ``x``).
+
+    A randomly initialised ResNet has running mean 0 / variance 1 everywhere, which
+    does not match its actual activations; with frozen layers that never changes.
+    Calibrating once makes a random backbone's features well scaled (random conv
+    features do carry colour/texture statistics, i.e. style).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.to(device).train()
+    for i in range(0, len(x), batch_size):
+        model(_normalize(x[i : i + batch_size].to(device)))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def set_trainable(model: nn.Module, mode: str = "finetune") -> int:
+    """Freeze everything except the parts ``mode`` trains; returns the trainable parameter count."""
+    parts = TRAINABLE[mode]
+    for name, p in model.named_parameters():
+        p.requires_grad = name.split(".")[0] in parts
+    model._lorafind_mode = mode  # read by train_mode()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train() for the trainable parts only; frozen BatchNorms keep their statistics."""
+    model.eval()
+    for name in TRAINABLE[getattr(model, "_lorafind_mode", "finetune")]:
+        getattr(model, name).train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: decode + resize every image once into a uint8 tensor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """Decoded images with their labels and base-image ids (the split groups)."""
+
+    x: torch.Tensor  # uint8 [N, 3, S, S]
+    y: torch.Tensor  # int64 [N]
+    groups: list[str]  # base image id per row
+    classes: list[str]  # class index -> LoRA slug
+    files: list[str] = field(default_factory=list)
+
+    def subset(self, idx) -> "ImageSet":
+        idx = list(idx)
+        return ImageSet(self.x[idx], self.y[idx], [self.groups[i] for i in idx], self.classes, [self.files[i] for i in idx])
+
+
+def load_synth_set(synth_dir: str | Path, set_name: str, classes: list[str], image_size: int) -> ImageSet:
+    """Read one restyled set written by stage 01 (checked against its manifest).
+
+    :raises FileNotFoundError / ValueError: missing manifest or set, empty or missing class
+        folders, files that disagree with the manifest -- each naming what is wrong.
+    """
+    from PIL import Image
+
+    from .synthesis import read_manifest
+
+    synth_dir = Path(synth_dir)
+    man = read_manifest(synth_dir)
+    if set_name not in man["sets"]:
+        raise ValueError(f"set '{set_name}' was not synthesized (have: {sorted(man['sets'])}); rerun stage 01 with it")
+    made = [e["slug"] for e in man["loras"]]
+    if sorted(made) != sorted(classes):
+        raise ValueError(f"the catalog's LoRAs {sorted(set(classes) ^ set(made))} differ from those stage 01 made")
+    ids = man["sets"][set_name]
+    xs, ys, groups, files = [], [], [], []
+    for k, slug in enumerate(classes):
+        folder = synth_dir / set_name / slug
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise FileNotFoundError(f"class folder {folder} is missing or empty; rerun stage 01")
+        on_disk = {p.stem for p in folder.glob("*.png")}
+        missing = [i for i in ids if i not in on_disk]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} images in the manifest are missing (e.g. {missing[0]}.png)")
+        for i in ids:
+            with Image.open(folder / f"{i}.png") as im:
+                im = im.convert("RGB")
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+                xs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+            ys.append(k)
+            groups.append(i)
+            files.append(f"{set_name}/{slug}/{i}.png")
+    return ImageSet(torch.stack(xs), torch.tensor(ys), groups, list(classes), files)
+
+
+def group_split(groups: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split base-image ids (not images): all restyled versions of a base image land on one side.
+
+    :return: (train ids, validation ids); ``ceil(val_fraction * n)`` ids validate (126 -> 100/26).
+    """
+    uniq = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    order = [uniq[i] for i in rng.permutation(len(uniq))]
+    n_val = math.ceil(val_fraction * len(uniq))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def rows_for(data: ImageSet, ids: list[str]) -> list[int]:
+    keep = set(ids)
+    return [i for i, g in enumerate(data.groups) if g in keep]
+
+
+def _normalize(xb: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    x = xb.float().div_(255)
+    if size and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flip + shift by up to 4 px (reflect pad + crop), seeded; keeps colour and texture."""
+    n, _, h, w = xb.shape
+    flip = torch.rand(n, generator=g) < 0.5
+    xb = torch.where(flip.view(n, 1, 1, 1), xb.flip(-1), xb)
+    pad = F.pad(xb.float(), (4, 4, 4, 4), mode="reflect")
+    dx = torch.randint(0, 9, (n,), generator=g)
+    dy = torch.randint(0, 9, (n,), generator=g)
+    return torch.stack([pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]).to(xb.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu", size: int | None = None) -> torch.Tensor:
+    """Softmax probabilities [N, K] for uint8 images [N, 3, S, S]."""
+    model.eval()
+    out = []
+    amp = device != "cpu" and torch.cuda.is_available()
+    for i in range(0, len(x), batch_size):
+        xb = _normalize(x[i : i + batch_size].to(device), size)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            out.append(model(xb).float().softmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    trainable_params: int
+    seconds: float
+
+
+def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = "finetune", epochs: int = 15,
+          lr: float = 1e-3, batch_size: int = 32, patience: int = 5, seed: int = 0, device: str = "cpu",
+          weight_decay: float = 1e-4, augment: bool = True, progress: bool = True) -> TrainResult:
+    """Train ``model`` (in place) with AdamW + CosineAnnealingLR and early stopping.
+
+    Deterministic on CPU for a fixed seed: data order and augmentation come from one
+    seeded ``torch.Generator``. The best epoch (validation accuracy, then loss) is restored.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n_train = set_trainable(model, mode)
+    if mode == "probe":
+        return _train_probe(model, train_set, val_set, epochs, lr, batch_size, patience, g, device, weight_decay, progress, n_train)
+    model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    amp = device != "cpu" and torch.cuda.is_available()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    best, best_key, best_epoch, bad, history = None, None, 0, 0, []
+    t_start = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc=f"training ({mode})", unit="epoch", disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        train_mode(model)
+        perm = torch.randperm(len(train_set.y), generator=g)
+        tot_loss, tot_ok = 0.0, 0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            xb = train_set.x[idx]
+            if augment:
+                xb = _augment(xb, g)
+            xb, yb = _normalize(xb.to(device)), train_set.y[idx].to(device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            tot_loss += float(loss.detach()) * len(idx)
+            tot_ok += int((logits.argmax(1) == yb).sum())
+        sched.step()
+        probs = predict(model, val_set.x, device=device)
+        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), val_set.y))
+        val_acc = float((probs.argmax(1) == val_set.y).float().mean())
+        row = {"epoch": epoch, "train_loss": tot_loss / len(perm), "train_acc": tot_ok / len(perm),
+               "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+        key = (val_acc, -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, bad = key, epoch, 0
+            best = copy.deepcopy({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    bar.close()
+    model.load_state_dict(best)
+    return TrainResult(model, history, best_epoch, len(history) < epochs, n_train, time.perf_counter() - t_start)
+
+
+@torch.no_grad()
+def features(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """Pooled 2048-d backbone features (everything before ``fc``)."""
+    model.eval()
+    body = nn.Sequential(*[m for n, m in model.named_children() if n != "fc"])
+    return torch.cat([body(_normalize(x[i : i + batch_size].to(device))).flatten(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def _train_probe(model, tr, va, epochs, lr, batch_size, patience, g, device, weight_decay, progress, n_train) -> "TrainResult":
+    """Linear probe: the backbone is frozen, so its features are computed once and only the head trains."""
+    t_start = time.perf_counter()
+    ftr, fva = features(model, tr.x, device=device).to(device), features(model, va.x, device=device).to(device)
+    head = model.fc.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    best, best_key, best_epoch, bad, history = None, None, 0, 0, []
+    for epoch in tqdm(range(1, epochs + 1), desc="training (probe)", unit="epoch", disable=not progress):
+        t0 = time.perf_counter()
+        head.train()
+        perm = torch.randperm(len(tr.y), generator=g)
+        tot_loss, tot_ok = 0.0, 0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            logits = head(ftr[idx])
+            loss = F.cross_entropy(logits, tr.y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += float(loss.detach()) * len(idx)
+            tot_ok += int((logits.argmax(1).cpu() == tr.y[idx]).sum())
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            probs = head(fva).softmax(1).cpu()
+        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), va.y))
+        val_acc = float((probs.argmax(1) == va.y).float().mean())
+        history.append({"epoch": epoch, "train_loss": tot_loss / len(perm), "train_acc": tot_ok / len(perm),
+                        "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+                        "seconds": round(time.perf_counter() - t0, 3)})
+        key = (val_acc, -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, bad = key, epoch, 0
+            best = copy.deepcopy(head.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    head.load_state_dict(best)
+    model.eval()
+    return TrainResult(model, history, best_epoch, len(history) < epochs, n_train, time.perf_counter() - t_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: nn.Module, classes: list[str], out_dir: str | Path, meta: dict | None = None) -> Path:
+    """``model.safetensors`` + ``labels.json`` (class index -> LoRA slug, plus metadata), atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(sd, str(tmp))
+    os.replace(tmp, out_dir / "model.safetensors")
+    (out_dir / "labels.json").write_text(json.dumps({"classes": list(classes), **(meta or {})}, indent=2))
+    return out_dir / "model.safetensors"
+
+
+def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Load a classifier saved by :func:`save_checkpoint`.
+
+    :raises CheckpointError: the label map does not match the catalog (names the differences).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    lab_path = ckpt_dir / "labels.json"
+    if not lab_path.exists() or not (ckpt_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"no trained classifier in {ckpt_dir} (run stage 02: `lorafind train`)")
+    labels = json.loads(lab_path.read_text())
+    classes = labels["classes"]
+    if catalog_slugs is not None and list(catalog_slugs) != list(classes):
+        extra, missing = sorted(set(classes) - set(catalog_slugs)), sorted(set(catalog_slugs) - set(classes))
+        raise CheckpointError(
+            f"{ckpt_dir}: the checkpoint's label map does not match the catalog"
+            + (f"; not in catalog: {extra}" if extra else "")
+            + (f"; not in checkpoint: {missing}" if missing else "")
+            + ("; same LoRAs in another order" if not extra and not missing else "")
+        )
+    model = build_model(len(classes), hidden=int(labels.get("hidden", 512)), weights="none")
+    model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
+    return model.to(device).eval(), labels
+
+
+def write_history(history: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)

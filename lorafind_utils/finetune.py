@@ -1,0 +1,165 @@
+"""Stage 02 glue: data from stage 01 -> fine-tuned classifier + both baselines -> artifacts.
+
+Writes under ``<runs_dir>/train/<run_name>/``: ``model.safetensors`` + ``labels.json``,
+``history.csv``, ``split.json`` and ``metrics.json`` (fine-tuned model, the paper's
+"Pretrained ResNet50" baseline and a linear probe, all on the same validation set).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .classifier import (
+    ImageSet,
+    build_model,
+    calibrate_batchnorm,
+    group_split,
+    load_synth_set,
+    predict,
+    rows_for,
+    save_checkpoint,
+    set_trainable,
+    train,
+    write_history,
+)
+from .config import load_catalog, resolve
+from .metrics import classification_metrics
+from .synthesis import pick_device
+
+_CACHE: dict = {}
+
+
+def cached_set(synth_dir: Path, set_name: str, classes: list[str], size: int) -> ImageSet:
+    """Decode each synthesized image once per process (ablations reuse the tensors)."""
+    key = (str(synth_dir), set_name, tuple(classes), size, (synth_dir / "manifest.json").stat().st_mtime_ns)
+    if key not in _CACHE:
+        _CACHE[key] = load_synth_set(synth_dir, set_name, classes, size)
+    return _CACHE[key]
+
+
+def make_split(cfg: dict, p: dict) -> dict:
+    """Train/validation split by base image of the validation set; train ids from ``train_set``.
+
+    When training and validation sets differ (e.g. faces vs variety), the training set's
+    own images are all eligible (they share no base image with the validation set).
+    """
+    synth = resolve(cfg["runs_dir"]) / "synth"
+    classes = [e["slug"] for e in load_catalog(cfg)]
+    val_data = cached_set(synth, p["val_set"], classes, int(p["image_size"]))
+    train_ids_v, val_ids = group_split(val_data.groups, float(p["val_fraction"]), int(p["split_seed"]))
+    if p["train_set"] == p["val_set"]:
+        train_ids = train_ids_v
+    else:
+        train_ids = sorted(set(cached_set(synth, p["train_set"], classes, int(p["image_size"])).groups))
+    n = int(p.get("n_train", 0))
+    if n:
+        if n > len(train_ids):
+            raise ValueError(f"n_train={n} but only {len(train_ids)} training base images in '{p['train_set']}'")
+        train_ids = train_ids[:n]
+    return {"train_set": p["train_set"], "val_set": p["val_set"], "train_ids": train_ids, "val_ids": val_ids}
+
+
+def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train the fine-tuned classifier, evaluate it and both baselines; write the artifacts.
+
+    :param p: stage parameters (see ``configs/tiny.yaml`` ``02_finetune``).
+    :return: {"metrics": {...}, "history": [...], "split": {...}, "out_dir": str}
+    """
+    out_dir = Path(out_dir) if out_dir else resolve(cfg["runs_dir"]) / "train" / p["run_name"]
+    device = str(pick_device(cfg.get("device", "auto")))
+    synth = resolve(cfg["runs_dir"]) / "synth"
+    classes = [e["slug"] for e in load_catalog(cfg)]
+    size = int(p["image_size"])
+    split = make_split(cfg, p)
+    tr_data = cached_set(synth, split["train_set"], classes, size)
+    va_data = cached_set(synth, split["val_set"], classes, size)
+    tr, va = tr_data.subset(rows_for(tr_data, split["train_ids"])), va_data.subset(rows_for(va_data, split["val_ids"]))
+    assert not set(tr.groups) & set(va.groups) or split["train_set"] != split["val_set"]
+    common = dict(epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), patience=int(p["patience"]),
+                  seed=int(p["seed"]), device=device, progress=progress)
+    backbone = "resnet50 (ImageNet weights)" if p["weights"] == "imagenet" else (
+        "resnet50 (random init, BatchNorm calibrated on the training images; no ImageNet weights offline)"
+        if p["weights"] == "none" else f"resnet50 (weights from {p['weights']})")
+
+    def fresh():
+        m = build_model(len(classes), int(p["hidden"]), p["weights"], seed=int(p["seed"]))
+        if p["weights"] == "none":
+            calibrate_batchnorm(m, tr.x, device=device)
+        return m
+
+    metrics = {"backbone": backbone, "classes": classes, "n_train": len(tr.y), "n_val": len(va.y),
+               "train_base_images": len(split["train_ids"]), "val_base_images": len(split["val_ids"])}
+
+    # Fine-tuned: layer3 + layer4 + two-layer head.
+    model = fresh()
+    res = train(model, tr, va, mode="finetune", **common)
+    probs = predict(model, va.x, device=device)
+    metrics["finetuned"] = {**classification_metrics(va.y.numpy(), probs.numpy(), classes), "best_epoch": res.best_epoch,
+                            "epochs_run": len(res.history), "trainable_params": res.trainable_params,
+                            "train_seconds": round(res.seconds, 2),
+                            "train_img_per_s": round(sum(len(tr.y) for _ in res.history) / res.seconds, 2)}
+    save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
+                                              "run_name": p["run_name"]})
+    write_history(res.history, out_dir / "history.csv")
+
+    # "Pretrained ResNet50" as in the paper: frozen backbone, K-way head untrained.
+    base = fresh()
+    set_trainable(base, "none")
+    metrics["pretrained"] = classification_metrics(va.y.numpy(), predict(base.to(device), va.x, device=device).numpy(), classes)
+
+    # Linear probe: frozen backbone, trained head.
+    if p.get("linear_probe", True):
+        probe = fresh()
+        pres = train(probe, tr, va, mode="probe", **common)
+        metrics["linear_probe"] = {**classification_metrics(va.y.numpy(), predict(probe, va.x, device=device).numpy(), classes),
+                                   "best_epoch": pres.best_epoch, "trainable_params": pres.trainable_params}
+    (out_dir / "split.json").write_text(json.dumps(split, indent=2))
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"params": p, **metrics}, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+    return {"metrics": metrics, "history": res.history, "split": split, "out_dir": str(out_dir)}
+
+
+def table2_rows(metrics: dict, train_desc: str, val_desc: str) -> list[dict]:
+    """Table 2 rows 1-2 (+ the linear probe) from a stage-02 metrics dict, in percent."""
+    rows = []
+    for key, label in (("finetuned", "Fine-tuned ResNet50"), ("pretrained", "Pretrained ResNet50 (head untrained)"),
+                       ("linear_probe", "Linear probe (frozen backbone)")):
+        if key not in metrics:
+            continue
+        m = metrics[key]
+        rows.append({"model": label, "train data": train_desc if key != "pretrained" else "",
+                     "validation data": val_desc, "accuracy": round(100 * m["accuracy"], 2),
+                     "macro_f1": round(100 * m["macro_f1"], 2), "mrr": round(100 * m["mrr"], 2),
+                     "top3": round(100 * m.get("top3_accuracy", float("nan")), 2)})
+    return rows
+
+
+#: The paper's Table 2 values (percent) for rows 1-2, shown beside ours, never mixed in.
+PAPER_TABLE2 = {
+    "Fine-tuned ResNet50": {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
+    "Pretrained ResNet50 (head untrained)": {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
+}
+
+
+def write_table(rows: list[dict], stem: str | Path, paper: dict | None = None) -> "object":
+    """Write rows as ``<stem>.csv`` and ``<stem>.md``; paper values go in separate ``paper_*`` columns.
+
+    :return: the pandas DataFrame written.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if paper is not None:
+        for col in ("accuracy", "macro_f1", "mrr"):
+            df[f"paper_{col}"] = [paper.get(r["model"], {}).get(col, float("nan")) for r in rows]
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    body = "".join("| " + " | ".join("" if (isinstance(v, float) and v != v and not k.startswith("paper")) else str(v)
+                                    for k, v in r.items()) + " |\n" for r in df.to_dict("records"))
+    stem.with_suffix(".md").write_text(header + body)
+    return df
