@@ -5,6 +5,7 @@ import resource
 import time
 
 import numpy as np
+import torch
 
 
 def bench_synth(cfg: dict, n_images: int = 8, n_loras: int = 3, batch_size: int = 8, steps: int | None = None,
@@ -36,7 +37,7 @@ def bench_synth(cfg: dict, n_images: int = 8, n_loras: int = 3, batch_size: int 
                 load_lora(pipe, e["path"], e["slug"])
                 # guidance 7.5 with an empty prompt: same result, twice the UNet work
                 q = dict(p, guidance_scale=7.5)
-                g = __import__("torch").Generator("cpu").manual_seed(seeds[(e["slug"], x.image.id)])
+                g = torch.Generator("cpu").manual_seed(seeds[(e["slug"], x.image.id)])
                 out = pipe(prompt="", image=x.init, control_image=x.control, strength=float(q["strength"]),
                            num_inference_steps=int(q["steps"]), controlnet_conditioning_scale=float(q["controlnet_scale"]),
                            guidance_scale=7.5, generator=g, output_type="np").images[0]
@@ -84,7 +85,6 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
     once into a uint8 tensor (its one-time cost is reported and amortised over ``epochs``),
     augment and normalise on tensors, ``channels_last``. Same images, one warm-up step each.
     """
-    import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms

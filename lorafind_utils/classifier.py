@@ -15,11 +15,9 @@ Choices the paper leaves open (documented in the README):
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .files import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -242,70 +242,6 @@ class TrainResult:
     seconds: float
 
 
-def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = "finetune", epochs: int = 15,
-          lr: float = 1e-3, batch_size: int = 32, patience: int = 5, seed: int = 0, device: str = "cpu",
-          weight_decay: float = 1e-4, augment: bool = True, progress: bool = True) -> TrainResult:
-    """Train ``model`` (in place) with AdamW + CosineAnnealingLR and early stopping.
-
-    Deterministic on CPU for a fixed seed: data order and augmentation come from one
-    seeded ``torch.Generator``. The best epoch (validation accuracy, then loss) is restored.
-    """
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    n_train = set_trainable(model, mode)
-    if mode == "probe":
-        return _train_probe(model, train_set, val_set, epochs, lr, batch_size, patience, g, device, weight_decay, progress, n_train)
-    model.to(device).to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    amp = device != "cpu" and torch.cuda.is_available()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    best, best_key, best_epoch, bad, history = None, None, 0, 0, []
-    t_start = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=f"training ({mode})", unit="epoch", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        train_mode(model)
-        perm = torch.randperm(len(train_set.y), generator=g)
-        tot_loss, tot_ok = 0.0, 0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
-            xb = train_set.x[idx]
-            if augment:
-                xb = _augment(xb, g)
-            xb, yb = _normalize(xb.to(device)), train_set.y[idx].to(device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            tot_loss += float(loss.detach()) * len(idx)
-            tot_ok += int((logits.argmax(1) == yb).sum())
-        sched.step()
-        probs = predict(model, val_set.x, device=device)
-        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), val_set.y))
-        val_acc = float((probs.argmax(1) == val_set.y).float().mean())
-        row = {"epoch": epoch, "train_loss": tot_loss / len(perm), "train_acc": tot_ok / len(perm),
-               "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
-               "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
-        key = (val_acc, -val_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch, bad = key, epoch, 0
-            best = copy.deepcopy({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    bar.close()
-    model.load_state_dict(best)
-    return TrainResult(model, history, best_epoch, len(history) < epochs, n_train, time.perf_counter() - t_start)
-
-
 @torch.no_grad()
 def features(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
     """Pooled 2048-d backbone features (everything before ``fc``)."""
@@ -314,46 +250,81 @@ def features(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: st
     return torch.cat([body(_normalize(x[i : i + batch_size].to(device))).flatten(1).cpu() for i in range(0, len(x), batch_size)])
 
 
-def _train_probe(model, tr, va, epochs, lr, batch_size, patience, g, device, weight_decay, progress, n_train) -> "TrainResult":
-    """Linear probe: the backbone is frozen, so its features are computed once and only the head trains."""
+def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = "finetune", epochs: int = 15,
+          lr: float = 1e-3, batch_size: int = 32, patience: int = 5, seed: int = 0, device: str = "cpu",
+          weight_decay: float = 1e-4, augment: bool = True, progress: bool = True) -> TrainResult:
+    """Train ``model`` (in place) with AdamW + CosineAnnealingLR and early stopping.
+
+    Deterministic on CPU for a fixed seed: data order and augmentation come from one
+    seeded ``torch.Generator``. The best epoch (validation accuracy, then loss) is restored.
+    ``mode="probe"`` freezes the backbone, so its features are computed once and only the
+    head trains on them (no augmentation).
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n_train = set_trainable(model, mode)
     t_start = time.perf_counter()
-    ftr, fva = features(model, tr.x, device=device).to(device), features(model, va.x, device=device).to(device)
-    head = model.fc.to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    model.to(device).to(memory_format=torch.channels_last)
+    if mode == "probe":
+        net, x_tr = model.fc, features(model, train_set.x, device=device)
+        f_va = features(model, val_set.x, device=device).to(device)
+
+        def batch(idx):
+            return x_tr[idx].to(device)
+
+        @torch.no_grad()
+        def val_probs():
+            return net.eval()(f_va).softmax(1).cpu()
+    else:
+        net = model
+
+        def batch(idx):
+            xb = _augment(train_set.x[idx], g) if augment else train_set.x[idx]
+            return _normalize(xb.to(device))
+
+        def val_probs():
+            return predict(model, val_set.x, device=device)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    amp = device != "cpu" and torch.cuda.is_available()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     best, best_key, best_epoch, bad, history = None, None, 0, 0, []
-    for epoch in tqdm(range(1, epochs + 1), desc="training (probe)", unit="epoch", disable=not progress):
+    bar = tqdm(range(1, epochs + 1), desc=f"training ({mode})", unit="epoch", disable=not progress)
+    for epoch in bar:
         t0 = time.perf_counter()
-        head.train()
-        perm = torch.randperm(len(tr.y), generator=g)
+        train_mode(model)
+        perm = torch.randperm(len(train_set.y), generator=g)
         tot_loss, tot_ok = 0.0, 0
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
-            logits = head(ftr[idx])
-            loss = F.cross_entropy(logits, tr.y[idx].to(device))
+            xb, yb = batch(idx), train_set.y[idx].to(device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                logits = net(xb)
+                loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             tot_loss += float(loss.detach()) * len(idx)
-            tot_ok += int((logits.argmax(1).cpu() == tr.y[idx]).sum())
+            tot_ok += int((logits.argmax(1) == yb).sum())
         sched.step()
-        head.eval()
-        with torch.no_grad():
-            probs = head(fva).softmax(1).cpu()
-        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), va.y))
-        val_acc = float((probs.argmax(1) == va.y).float().mean())
+        probs = val_probs()
+        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), val_set.y))
+        val_acc = float((probs.argmax(1) == val_set.y).float().mean())
         history.append({"epoch": epoch, "train_loss": tot_loss / len(perm), "train_acc": tot_ok / len(perm),
                         "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
                         "seconds": round(time.perf_counter() - t0, 3)})
+        bar.set_postfix(loss=f"{tot_loss / len(perm):.3f}", val_acc=f"{val_acc:.3f}")
         key = (val_acc, -val_loss)
         if best_key is None or key > best_key:
             best_key, best_epoch, bad = key, epoch, 0
-            best = copy.deepcopy(head.state_dict())
+            best = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         else:
             bad += 1
             if bad >= patience:
                 break
-    head.load_state_dict(best)
+    bar.close()
+    net.load_state_dict(best)
     model.eval()
     return TrainResult(model, history, best_epoch, len(history) < epochs, n_train, time.perf_counter() - t_start)
 
@@ -370,9 +341,8 @@ def save_checkpoint(model: nn.Module, classes: list[str], out_dir: str | Path, m
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(sd, str(tmp))
-    os.replace(tmp, out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(sd, str(tmp))
     (out_dir / "labels.json").write_text(json.dumps({"classes": list(classes), **(meta or {})}, indent=2))
     return out_dir / "model.safetensors"
 

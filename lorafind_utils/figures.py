@@ -9,6 +9,14 @@ from PIL import Image
 from .images import load_rgb, square_resize
 
 
+def _save(fig, out_png: str | Path | None):
+    """Save a figure (creating its folder) when a path is given; return it for display."""
+    if out_png:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    return fig
+
+
 def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, set_name: str, n_images: int = 6,
                    out_png: str | Path | None = None, resolution: int | None = None):
     """The paper's Figure 7 layout: rows = LoRAs, columns = base images (first row: the originals).
@@ -35,10 +43,7 @@ def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, 
         axes[i, 0].set_ylabel("base image" if i == 0 else loras[i - 1]["short"], rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"Restyled '{set_name}' images (rows: LoRA, columns: base image)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    if out_png:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=110)
-    return fig
+    return _save(fig, out_png)
 
 
 def training_curves(history: list[dict], best_epoch: int, out_png: str | Path | None = None, title: str = ""):
@@ -56,10 +61,7 @@ def training_curves(history: list[dict], best_epoch: int, out_png: str | Path | 
         ax.set_title(f"{label} (best epoch {best_epoch})")
     fig.suptitle(title or "Fine-tuning curves", fontsize=10)
     fig.tight_layout()
-    if out_png:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=110)
-    return fig
+    return _save(fig, out_png)
 
 
 def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = None, title: str = ""):
@@ -74,7 +76,4 @@ def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = Non
     ax.set_ylabel("true LoRA")
     ax.set_title(title or "Confusion matrix (validation)", fontsize=10)
     fig.tight_layout()
-    if out_png:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=110)
-    return fig
+    return _save(fig, out_png)

@@ -6,7 +6,7 @@ Writes under ``<runs_dir>/train/<run_name>/``: ``model.safetensors`` + ``labels.
 """
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from .classifier import (
     write_history,
 )
 from .config import load_catalog, resolve
+from .files import write_json_atomic
 from .metrics import classification_metrics
 from .synthesis import pick_device
 
@@ -83,42 +84,40 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
         "resnet50 (random init, BatchNorm calibrated on the training images; no ImageNet weights offline)"
         if p["weights"] == "none" else f"resnet50 (weights from {p['weights']})")
 
-    def fresh():
-        m = build_model(len(classes), int(p["hidden"]), p["weights"], seed=int(p["seed"]))
-        if p["weights"] == "none":
-            calibrate_batchnorm(m, tr.x, device=device)
-        return m
+    # One backbone (built, and for random weights calibrated, once); each run trains a copy.
+    start = build_model(len(classes), int(p["hidden"]), p["weights"], seed=int(p["seed"]))
+    if p["weights"] == "none":
+        calibrate_batchnorm(start, tr.x, device=device)
 
     metrics = {"backbone": backbone, "classes": classes, "n_train": len(tr.y), "n_val": len(va.y),
                "train_base_images": len(split["train_ids"]), "val_base_images": len(split["val_ids"])}
 
     # Fine-tuned: layer3 + layer4 + two-layer head.
-    model = fresh()
+    model = copy.deepcopy(start)
     res = train(model, tr, va, mode="finetune", **common)
     probs = predict(model, va.x, device=device)
     metrics["finetuned"] = {**classification_metrics(va.y.numpy(), probs.numpy(), classes), "best_epoch": res.best_epoch,
                             "epochs_run": len(res.history), "trainable_params": res.trainable_params,
                             "train_seconds": round(res.seconds, 2),
-                            "train_img_per_s": round(sum(len(tr.y) for _ in res.history) / res.seconds, 2)}
+                            # per second of training wall time, validation passes included
+                            "train_img_per_s_incl_val": round(len(tr.y) * len(res.history) / res.seconds, 2)}
     save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
                                               "run_name": p["run_name"]})
     write_history(res.history, out_dir / "history.csv")
 
     # "Pretrained ResNet50" as in the paper: frozen backbone, K-way head untrained.
-    base = fresh()
+    base = copy.deepcopy(start)
     set_trainable(base, "none")
     metrics["pretrained"] = classification_metrics(va.y.numpy(), predict(base.to(device), va.x, device=device).numpy(), classes)
 
     # Linear probe: frozen backbone, trained head.
     if p.get("linear_probe", True):
-        probe = fresh()
+        probe = copy.deepcopy(start)
         pres = train(probe, tr, va, mode="probe", **common)
         metrics["linear_probe"] = {**classification_metrics(va.y.numpy(), predict(probe, va.x, device=device).numpy(), classes),
                                    "best_epoch": pres.best_epoch, "trainable_params": pres.trainable_params}
-    (out_dir / "split.json").write_text(json.dumps(split, indent=2))
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"params": p, **metrics}, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    write_json_atomic(split, out_dir / "split.json")
+    write_json_atomic({"params": p, **metrics}, out_dir / "metrics.json")
     return {"metrics": metrics, "history": res.history, "split": split, "out_dir": str(out_dir)}
 
 

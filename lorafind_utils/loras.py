@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .files import atomic_path
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 #: cross-attention (text) width -> base model family, to name the model a LoRA was made for.
@@ -326,8 +327,7 @@ def ensure_tiny_loras(catalog: list[dict], lora_dir: str | Path, base_dir: str |
             raise ValueError(f"tiny catalog: '{e['slug']}' is a twin of '{e['twin_of']}', which must come first")
         sd = make_tiny_lora(unet, te, e, twin)
         made[e["slug"]] = sd
-        tmp = p.with_suffix(".tmp")
-        save_file(sd, str(tmp), metadata={"ss_network_module": "networks.lora", "lorafind_tiny": e["slug"]})
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            save_file(sd, str(tmp), metadata={"ss_network_module": "networks.lora", "lorafind_tiny": e["slug"]})
     stamp_path.write_text(stamp)
     return paths

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import load_catalog, resolve
+from .files import atomic_path, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
 from .loras import LoraError, check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
 
@@ -131,18 +131,6 @@ def prepare_base_images(images: list[BaseImage], resolution: int, low: int, high
     return ok, skipped
 
 
-def _save_png_atomic(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: str = "") -> list[Image.Image]:
     """One pipeline call for a batch: each image gets its own CPU generator.
 
@@ -206,7 +194,7 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
                 "delete it or choose another runs_dir"
             )
     else:
-        _write_json_atomic(run_params, pfile)
+        write_json_atomic(run_params, pfile, sort_keys=True)
 
     sets: dict[str, list[Prepared]] = {}
     skipped: list[dict] = []
@@ -221,7 +209,7 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         sets[name] = ok
         skipped += [dict(b, set=name) for b in bad]
 
-    items, todo = [], []
+    items, todo = [], {e["slug"]: [] for e in catalog}  # LoRA -> [(base image, file, seed)] still to make
     for e in catalog:
         for name, prepared in sets.items():
             for x in prepared:
@@ -229,21 +217,22 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
                 s = item_seed(int(params["seed"]), e["slug"], x.image.id)
                 items.append({"set": name, "lora": e["slug"], "image": x.image.id, "file": rel, "seed": s})
                 if not (out_dir / rel).exists():
-                    todo.append((e, name, x, rel, s))
+                    todo[e["slug"]].append((x, rel, s))
     bs = max(1, int(params.get("batch_size", 1)))
-    bar = tqdm(total=len(todo), desc="restyling", unit="img", disable=not progress)
+    bar = tqdm(total=sum(map(len, todo.values())), desc="restyling", unit="img", disable=not progress)
     for e in catalog:
-        mine = [t for t in todo if t[0]["slug"] == e["slug"]]
+        mine = todo[e["slug"]]
         if not mine:
             continue
         load_lora(pipe, e["path"], e["slug"], weight=1.0)  # each LoRA loaded once
         try:
             for i in range(0, len(mine), bs):
                 chunk = mine[i : i + bs]
-                outs = restyle(pipe, [t[2] for t in chunk], [t[4] for t in chunk], params)
-                for (_, _, _, rel, _), im in zip(chunk, outs):
+                outs = restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], params)
+                for (_, rel, _), im in zip(chunk, outs):
                     (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                    _save_png_atomic(im, out_dir / rel)
+                    with atomic_path(out_dir / rel) as tmp:
+                        im.save(tmp, format="PNG")
                 bar.update(len(chunk))
         finally:
             pipe.unload_lora_weights()
@@ -259,7 +248,7 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         "items": items,
         "skipped": skipped,
     }
-    _write_json_atomic(manifest, out_dir / "manifest.json")
+    write_json_atomic(manifest, out_dir / "manifest.json", sort_keys=True)
     return manifest
 
 

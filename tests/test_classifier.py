@@ -75,8 +75,7 @@ def test_early_stopping_restores_the_best_epoch():
     r = train(m, _data(60, 0), val, epochs=30, lr=0.05, batch_size=8, patience=2, seed=3, progress=False)
     best = max(r.history, key=lambda h: (h["val_acc"], -h["val_loss"]))
     assert r.best_epoch == best["epoch"]
-    if r.stopped_early:
-        assert len(r.history) == r.best_epoch + 2
+    assert r.stopped_early and len(r.history) == r.best_epoch + 2
     acc = float((predict(m, val.x).argmax(1) == val.y).float().mean())
     assert acc == pytest.approx(best["val_acc"])
 
