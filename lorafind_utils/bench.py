@@ -77,7 +77,8 @@ def bench_synth(cfg: dict, n_images: int = 8, n_loras: int = 3, batch_size: int 
     return res
 
 
-def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: int = 2, log=print) -> dict:
+def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: int = 2, backbone: str | None = None,
+                log=print) -> dict:
     """Stage-02 data pipeline vs a plain ``ImageFolder`` + PIL loop, same model, same run.
 
     Baseline: torchvision ``ImageFolder`` on the stage-01 folders, PIL decode + resize +
@@ -89,17 +90,18 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from .classifier import IMAGENET_MEAN, IMAGENET_STD, _augment, _normalize, build_model, load_synth_set, set_trainable
+    from .classifier import _augment, _normalize, build_model, load_synth_set, set_trainable
     from .config import load_catalog, resolve, stage_params
 
     p = stage_params(cfg, "02_finetune")
+    arch = backbone or p.get("backbone", "resnet50")
     size = int(p["image_size"])
     synth = resolve(cfg["runs_dir"]) / "synth"
     classes = [e["slug"] for e in load_catalog(cfg)]
     torch.manual_seed(0)
 
     def fresh():
-        m = build_model(len(classes), int(p["hidden"]), "none")
+        m = build_model(len(classes), int(p["hidden"]), "none", backbone=arch)
         set_trainable(m, "finetune")
         m.train()
         return m, torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3)
@@ -110,8 +112,8 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
         loss.backward()
         opt.step()
 
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    # (both models normalise their input themselves, for their backbone)
     folder = datasets.ImageFolder(str(synth / "variety"), transform=tf)
     idx = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:n_images].tolist()
     loader = DataLoader(Subset(folder, idx), batch_size=batch_size, shuffle=True, num_workers=0)
@@ -145,7 +147,8 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
            "imagefolder_img_per_s": round(n / t_base, 2), "ours_img_per_s": round(n / t_ours, 2),
            "ours_img_per_s_incl_decode": round(n / (t_ours + t_decode * n_images / len(data.y)), 2),
            "speedup": round(t_base / t_ours, 2), "one_time_decode_s_whole_set": round(t_decode, 2)}
-    log(f"training benchmark ({n_images} images x {epochs} epochs, {size} px, ResNet50 layer3+layer4+head)")
+    res["backbone"] = arch
+    log(f"training benchmark ({n_images} images x {epochs} epochs, {size} px, {arch}: late stages + head trained)")
     log(f"  ImageFolder + PIL loop: {res['imagefolder_img_per_s']} img/s")
     log(f"  cached tensors + channels_last: {res['ours_img_per_s']} img/s "
         f"({res['ours_img_per_s_incl_decode']} img/s counting its one-time decode)")

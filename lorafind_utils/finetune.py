@@ -15,6 +15,7 @@ from .classifier import (
     ImageSet,
     build_model,
     calibrate_batchnorm,
+    describe_backbone,
     group_split,
     load_synth_set,
     predict,
@@ -80,19 +81,18 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     assert not set(tr.groups) & set(va.groups) or split["train_set"] != split["val_set"]
     common = dict(epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), patience=int(p["patience"]),
                   seed=int(p["seed"]), device=device, progress=progress)
-    backbone = "resnet50 (ImageNet weights)" if p["weights"] == "imagenet" else (
-        "resnet50 (random init, BatchNorm calibrated on the training images; no ImageNet weights offline)"
-        if p["weights"] == "none" else f"resnet50 (weights from {p['weights']})")
+    arch = p.get("backbone", "resnet50")
+    backbone = describe_backbone(arch, p["weights"])
 
     # One backbone (built, and for random weights calibrated, once); each run trains a copy.
-    start = build_model(len(classes), int(p["hidden"]), p["weights"], seed=int(p["seed"]))
+    start = build_model(len(classes), int(p["hidden"]), p["weights"], seed=int(p["seed"]), backbone=arch)
     if p["weights"] == "none":
         calibrate_batchnorm(start, tr.x, device=device)
 
-    metrics = {"backbone": backbone, "classes": classes, "n_train": len(tr.y), "n_val": len(va.y),
+    metrics = {"backbone": backbone, "backbone_name": arch, "classes": classes, "n_train": len(tr.y), "n_val": len(va.y),
                "train_base_images": len(split["train_ids"]), "val_base_images": len(split["val_ids"])}
 
-    # Fine-tuned: layer3 + layer4 + two-layer head.
+    # Fine-tuned: the late stages (resnet50: layer3 + layer4) + the two-layer head.
     model = copy.deepcopy(start)
     res = train(model, tr, va, mode="finetune", **common)
     probs = predict(model, va.x, device=device)
@@ -121,15 +121,25 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     return {"metrics": metrics, "history": res.history, "split": split, "out_dir": str(out_dir)}
 
 
+#: Display names of the backbones in tables and figures.
+BACKBONE_LABELS = {"resnet50": "ResNet50", "efficientnet_lite0": "EfficientNet-Lite0"}
+
+
 def table2_rows(metrics: dict, train_desc: str, val_desc: str) -> list[dict]:
-    """Table 2 rows 1-2 (+ the linear probe) from a stage-02 metrics dict, in percent."""
+    """Table 2 rows 1-2 (+ the linear probe) from a stage-02 metrics dict, in percent.
+
+    ``paper_row`` names the paper's row each of ours corresponds to (the backbone may differ:
+    the tiny profile's is not ResNet50, and the row label says so).
+    """
+    net = BACKBONE_LABELS.get(metrics.get("backbone_name", "resnet50"), metrics.get("backbone_name"))
     rows = []
-    for key, label in (("finetuned", "Fine-tuned ResNet50"), ("pretrained", "Pretrained ResNet50 (head untrained)"),
-                       ("linear_probe", "Linear probe (frozen backbone)")):
+    for key, label, paper_row in (("finetuned", f"Fine-tuned {net}", "Fine-tuned ResNet50"),
+                                  ("pretrained", f"Pretrained {net} (head untrained)", "Pretrained ResNet50"),
+                                  ("linear_probe", f"Linear probe (frozen {net})", "")):
         if key not in metrics:
             continue
         m = metrics[key]
-        rows.append({"model": label, "train data": train_desc if key != "pretrained" else "",
+        rows.append({"model": label, "paper_row": paper_row, "train data": train_desc if key != "pretrained" else "",
                      "validation data": val_desc, "accuracy": round(100 * m["accuracy"], 2),
                      "macro_f1": round(100 * m["macro_f1"], 2), "mrr": round(100 * m["mrr"], 2),
                      "top3": round(100 * m.get("top3_accuracy", float("nan")), 2)})
@@ -139,7 +149,7 @@ def table2_rows(metrics: dict, train_desc: str, val_desc: str) -> list[dict]:
 #: The paper's Table 2 values (percent) for rows 1-2, shown beside ours, never mixed in.
 PAPER_TABLE2 = {
     "Fine-tuned ResNet50": {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
-    "Pretrained ResNet50 (head untrained)": {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
+    "Pretrained ResNet50": {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
 }
 
 
@@ -153,7 +163,7 @@ def write_table(rows: list[dict], stem: str | Path, paper: dict | None = None) -
     df = pd.DataFrame(rows)
     if paper is not None:
         for col in ("accuracy", "macro_f1", "mrr"):
-            df[f"paper_{col}"] = [paper.get(r["model"], {}).get(col, float("nan")) for r in rows]
+            df[f"paper_{col}"] = [paper.get(r.get("paper_row", r["model"]), {}).get(col, float("nan")) for r in rows]
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(stem.with_suffix(".csv"), index=False)

