@@ -154,3 +154,43 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
         f"({res['ours_img_per_s_incl_decode']} img/s counting its one-time decode)")
     log(f"  speed-up {res['speedup']}x")
     return res
+
+
+def bench_rank(cfg: dict, n_queries: int = 64, repeats: int = 3, log=print) -> dict:
+    """Ranking latency per query (file -> ranking, model loaded once) and batch throughput.
+
+    Queries are stage-01 images written as PNG files, so decoding is included. Reports the
+    median single-query latency over all queries and images/s for one batched call.
+    """
+    import statistics
+
+    from .config import resolve
+    from .retrieval import Ranker
+    from .synthesis import read_manifest
+
+    ranker = Ranker.from_profile(cfg)
+    synth = resolve(cfg["runs_dir"]) / "synth"
+    files = [synth / it["file"] for it in read_manifest(synth)["items"]][:n_queries]
+    if not files:
+        raise FileNotFoundError(f"no stage-01 images in {synth}")
+    ranker.rank(files[:2])  # warm-up
+    lat = []
+    for _ in range(repeats):
+        for f in files:
+            t = time.perf_counter()
+            ranker.rank([f])
+            lat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        ranker.rank(files)
+    t_batch = (time.perf_counter() - t) / repeats
+    res = {"queries": len(files), "image_size": ranker.size, "backbone": ranker.backbone,
+           "latency_ms_median": round(1000 * statistics.median(lat), 2),
+           "latency_ms_p90": round(1000 * sorted(lat)[int(0.9 * (len(lat) - 1))], 2),
+           "batch_img_per_s": round(len(files) / t_batch, 1),
+           "batch_vs_single_speedup": round((statistics.mean(lat) * len(files)) / t_batch, 2),
+           "threads": torch.get_num_threads()}
+    log(f"ranking benchmark ({len(files)} PNG queries, {ranker.size} px, {ranker.backbone}, {res['threads']} threads)")
+    log(f"  one query at a time: median {res['latency_ms_median']} ms, p90 {res['latency_ms_p90']} ms (decode included)")
+    log(f"  one batch of {len(files)}: {res['batch_img_per_s']} img/s ({res['batch_vs_single_speedup']}x one at a time)")
+    return res

@@ -95,12 +95,60 @@ def cmd_lora_check(args):
     print(f"    loads onto {cfg['models']['base']}: {touched['unet']} UNet modules, {touched['text_encoder']} text-encoder modules")
 
 
+def cmd_rank(args):
+    from .config import load_profile
+    from .images import ImageError
+    from .retrieval import Ranker
+
+    cfg = load_profile(args.profile, _overrides(args))
+    ranker = Ranker.from_profile(cfg, args.run)
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            results.append(ranker.rank([path], names=[path])[0])
+        except ImageError as e:
+            print(f"lorafind: error: {e}", file=sys.stderr)
+            failed += 1
+    k = args.top or len(ranker.slugs)
+    if args.json:
+        print(json.dumps([r.as_dict(k) for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"\n{r.query}  (classifier: {ranker.backbone})")
+            print(f"  {'rank':>4}  {'LoRA':<22} {'score':>7}")
+            for i, (slug, name, score) in enumerate(r.top(k), 1):
+                print(f"  {i:>4}  {name:<22} {100 * score:6.2f}%  {'#' * round(30 * score)}")
+    if failed:
+        raise SystemExit(2)
+
+
+def cmd_generate(args):
+    from .config import load_profile, stage_params
+    from .generation import generate, prepare_base, resolve_lora
+    from .synthesis import load_pipeline
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, "01_synthesize")
+    lora = resolve_lora(cfg, args.lora)
+    base = prepare_base(args.image, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
+    pipe = load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
+    im = generate(pipe, lora, base, args.seed, p, prompt=args.prompt or "")
+    from pathlib import Path
+
+    out = Path(args.out or f"{Path(args.image).stem}_{lora['slug']}_s{args.seed}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im.save(out)
+    print(f"{out}  ({lora['short']}, base {args.image}, seed {args.seed}, prompt {args.prompt or '(none)'!r})")
+
+
 def cmd_bench(args):
-    from .bench import bench_synth, bench_train
+    from .bench import bench_rank, bench_synth, bench_train
     from .config import load_profile
 
     cfg = load_profile(args.profile, _overrides(args))
-    if args.bench_cmd == "train":
+    if args.bench_cmd == "rank":
+        res = bench_rank(cfg, n_queries=args.images)
+    elif args.bench_cmd == "train":
         res = bench_train(cfg, n_images=args.images, epochs=args.epochs, backbone=args.backbone)
     else:
         res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
@@ -134,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("rank", help="rank the catalog's LoRAs for style images (needs stage 02's classifier)")
+    _profile_arg(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, help="show the K best (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--run", help="classifier run under runs/<profile>/train/ (default: stage 02's)")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("generate", help="restyle a base image with one LoRA (stage 01's settings)")
+    _profile_arg(p)
+    p.add_argument("--lora", required=True, help="catalog slug or name, or a .safetensors file")
+    p.add_argument("--image", required=True, help="base image")
+    p.add_argument("--prompt", help="optional prompt (default: none, as in the study)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output PNG (default: <image>_<lora>_s<seed>.png)")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("lora", help="LoRA file tools")
     lsub = p.add_subparsers(dest="lora_cmd", required=True)
     c = lsub.add_parser("check", help="will this file load onto the profile's base model? (never unpickles)")
@@ -148,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=8)
     b.add_argument("--loras", type=int, default=3)
     b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("rank", help="ranking latency per query and batch throughput (needs stage 02)")
+    _profile_arg(b)
+    b.add_argument("--images", type=int, default=64, help="queries in the batch")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("train", help="stage-02 data pipeline vs an ImageFolder + PIL loop (needs stage 01)")

@@ -13,7 +13,7 @@ def _save(fig, out_png: str | Path | None):
     """Save a figure (creating its folder) when a path is given; return it for display."""
     if out_png:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=110)
+        fig.savefig(out_png, dpi=110, bbox_inches="tight")
     return fig
 
 
@@ -75,5 +75,58 @@ def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = Non
     ax.set_xlabel("predicted LoRA")
     ax.set_ylabel("true LoRA")
     ax.set_title(title or "Confusion matrix (validation)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _show(ax, im, title: str = "", color: str = "black", size: int = 8):
+    ax.imshow(im)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_edgecolor(color)
+        s.set_linewidth(3 if color != "black" else 0.5)
+    if title:
+        ax.set_title(title, fontsize=size, color=color)
+
+
+def retrieval_figure(rows: list[dict], out_png: str | Path | None = None, title: str = ""):
+    """Each query beside sample images of its top-ranked LoRAs (correct one framed in green).
+
+    :param rows: [{"query": PIL image, "label": str, "correct": slug,
+                   "top": [(slug, short name, score, PIL sample image), ...]}]
+    """
+    k = max(len(r["top"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.7 * (k + 1), 1.9 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        _show(ax_row[0], r["query"], r["label"], size=7)
+        for j, ax in enumerate(ax_row[1:]):
+            if j >= len(r["top"]):
+                ax.axis("off")
+                continue
+            slug, name, score, sample = r["top"][j]
+            ok = slug == r["correct"]
+            _show(ax, sample, f"{j + 1}. {name}\n{100 * score:.1f} %", color="green" if ok else "black", size=7)
+    fig.suptitle(title or "Queries (left) and sample images of their top-ranked LoRAs (green: the LoRA that made the query)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def figure8(rows: list[dict], out_png: str | Path | None = None, title: str = ""):
+    """The paper's Figure 8: query | base image | generations with retrieved LoRAs, each
+    captioned with its style similarity to the query.
+
+    :param rows: [{"query": img, "query_label": str, "base": img, "base_caption": str,
+                   "generations": [(img, caption, is_correct), ...]}]
+    """
+    k = max(len(r["generations"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), k + 2, figsize=(2.3 * (k + 2), 2.6 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        _show(ax_row[0], r["query"], r["query_label"])
+        _show(ax_row[1], r["base"], r["base_caption"])
+        for ax, (im, cap, ok) in zip(ax_row[2:], r["generations"]):
+            _show(ax, im, cap, color="green" if ok else "black")
+    fig.suptitle(title or "Query | base image | generated with retrieved LoRAs (same base image and seed)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .classifier import (
@@ -59,7 +60,10 @@ def make_split(cfg: dict, p: dict) -> dict:
     if n:
         if n > len(train_ids):
             raise ValueError(f"n_train={n} but only {len(train_ids)} training base images in '{p['train_set']}'")
-        train_ids = train_ids[:n]
+        # A seeded draw of n base images (``subset_seed``, default the training seed), so that
+        # repeats over seeds also vary which images were used.
+        rng = np.random.default_rng(int(p.get("subset_seed", p.get("seed", 0))))
+        train_ids = sorted(train_ids[i] for i in rng.permutation(len(train_ids))[:n])
     return {"train_set": p["train_set"], "val_set": p["val_set"], "train_ids": train_ids, "val_ids": val_ids}
 
 
@@ -101,8 +105,11 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
                             "train_seconds": round(res.seconds, 2),
                             # per second of training wall time, validation passes included
                             "train_img_per_s_incl_val": round(len(tr.y) * len(res.history) / res.seconds, 2)}
-    save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
-                                              "run_name": p["run_name"]})
+    if p.get("save_model", True):
+        save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
+                                                  "run_name": p["run_name"]})
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
     write_history(res.history, out_dir / "history.csv")
 
     # "Pretrained ResNet50" as in the paper: frozen backbone, K-way head untrained.

@@ -104,6 +104,175 @@ write_table(rows, figures_dir / "table2_rows12", paper=PAPER_TABLE2)"""),
                       title=f"Fine-tuning ({m['backbone']})")
 fig = confusion_heatmap(m["finetuned"]["confusion_matrix"], short, figures_dir / "confusion_matrix.png")"""),
     ],
+    "03_ablate_sizes": [
+        ("md", """# 03 · Training-size ablation (Table 2 rows 3–5)
+
+How many images per LoRA does the classifier need? The paper trained once each with 30/50/70/100 base images per
+class and reports about 70 as enough. Here every size is repeated over several seeds (the seed also draws which base
+images are used) and reported as mean ± sd, all on the one validation set of stage 02's split, so a difference can be
+compared with the noise. Each run is stage 02's `run_finetune` (same training and evaluation); the remaining
+training settings (backbone, learning rate, image size, split) come from the profile's `02_finetune` section.
+A finished run with identical parameters is reused from `runs/<profile>/train/ablate_*`."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+sizes: list = [30, 50, 70, 100]  # training base images per class
+seeds: list = [0, 1, 2]  # repeats of each size (init, order, augmentation and which images)
+epochs: int = 5  # epochs per run (the paper: 15; tiny: 5 to fit the tiny study's time budget)
+patience: int = 5  # early stopping patience in epochs
+train_set: str = "variety"  # restyled set to train on"""),
+        ("code", """from lorafind_utils import load_profile, resolve
+from lorafind_utils.ablation import ablation_plot, run_settings, summarize, write_results
+
+cfg = load_profile(profile, overrides)
+figures_dir = resolve(cfg["figures_dir"])
+runs = run_settings(cfg, [(train_set, n) for n in sizes], seeds, epochs=epochs, patience=patience)
+print("results:", write_results(runs, resolve(cfg["runs_dir"]) / "ablate" / "sizes.csv"))
+print(f"{int((~runs['reused']).sum())} runs trained, {int(runs['reused'].sum())} reused; "
+      f"training time {runs['train_seconds'].sum():.0f} s; backbone {runs['backbone'].iloc[0]}")"""),
+        ("md", "## Mean ± sd over seeds (percent)"),
+        ("code", """summary = summarize(runs)
+summary.round(2)"""),
+        ("code", """fig = ablation_plot(runs, figures_dir / "ablation_sizes.png",
+                    title=f"Training-size ablation ({runs['backbone'].iloc[0]}, {len(seeds)} seeds, {epochs} epochs)")"""),
+    ],
+    "04_domain_vs_variety": [
+        ("md", """# 04 · Domain vs variety, and the complete Table 2
+
+Do varied base images beat a single domain at equal size? The faces set, restyled by the same LoRAs in stage 01,
+trains the classifier with `n` faces per class; it is validated on the same variety validation set and compared with
+`n` variety images per class, same seeds (runs that stage 03 already made are reused). Then Table 2 is assembled
+from the runs of stages 02–04: ours as mean ± sd over seeds, the paper's values in separate columns."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+domain_set: str = "faces"  # single-domain restyled set
+variety_set: str = "variety"  # varied restyled set (also the validation set)
+n: int = 70  # training base images per class for both
+seeds: list = [0, 1, 2]  # repeats (the same seeds as stage 03 reuse its runs)
+epochs: int = 5  # epochs per run (the paper: 15; tiny: 5)
+patience: int = 5  # early stopping patience in epochs"""),
+        ("code", """import json
+
+import pandas as pd
+
+from lorafind_utils import load_profile, resolve, stage_params
+from lorafind_utils.ablation import domain_plot, run_settings, summarize, table2, write_results, write_table2
+
+cfg = load_profile(profile, overrides)
+runs_dir, figures_dir = resolve(cfg["runs_dir"]), resolve(cfg["figures_dir"])
+runs = run_settings(cfg, [(domain_set, n), (variety_set, n)], seeds, epochs=epochs, patience=patience)
+print("results:", write_results(runs, runs_dir / "ablate" / "domain.csv"))
+assert set(runs[runs["train_set"] == domain_set]["val_set"]) == {variety_set}
+summarize(runs).round(2)"""),
+        ("code", """fig = domain_plot(runs, figures_dir / "domain_vs_variety.png",
+                 title=f"{n} {domain_set} vs {n} {variety_set} images per class ({len(seeds)} seeds)")"""),
+        ("md", "## Table 2"),
+        ("code", """sizes_csv = runs_dir / "ablate" / "sizes.csv"
+sizes = pd.read_csv(sizes_csv) if sizes_csv.exists() else runs.iloc[0:0]
+stage02 = runs_dir / "train" / stage_params(cfg, "02_finetune")["run_name"] / "metrics.json"
+baseline = json.loads(stage02.read_text()) if stage02.exists() else None
+t2 = table2(sizes, runs, baseline)
+print(write_table2(t2, figures_dir / "table2"))
+print((figures_dir / "table2.md").read_text())"""),
+    ],
+    "05_retrieve_thumbnails": [
+        ("md", """# 05 · Rank LoRAs for unseen images (Table 3)
+
+The stage-02 classifier ranks all LoRAs for query images that it never saw, made by known LoRAs. In the paper these
+are the LoRA authors' preview images from Civitai (put them in `<runs_dir>/thumbnails/<lora slug>/`). The `tiny`
+profile makes held-out queries *differently* from the training data: text-to-image with a prompt (no base image), and
+img2img from base images of another set with other seeds and another strength. Table 3 lists each query's ranking
+(correct LoRA marked) and top-1/3/6 and MRR over all queries, also per kind of query."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+queries_dir: str = ""  # folder of <lora slug>/<images>; empty means <runs_dir>/thumbnails
+make_queries: bool = True  # make held-out query images (tiny); False uses the folder as it is (paper: thumbnails)
+prompts: list = ["a lighthouse on a rocky coast at sunset", "a bowl of fruit on a wooden table"]  # text-to-image queries
+query_set: str = "faces"  # base images for the img2img queries (the stage-02 classifier never saw them)
+images_per_lora: int = 1  # img2img queries per LoRA
+query_seed: int = 1000  # seed of the query images (the training images used seed 0)
+strength: float = 0.6  # img2img strength of the queries (training images: 0.5)
+guidance_scale: float = 7.5  # classifier-free guidance of the text-to-image queries
+run_name: str = ""  # classifier run under runs/<profile>/train/; empty means stage 02's
+figure_queries: int = 6  # queries shown in the example figure
+figure_top: int = 5  # top LoRAs shown per query"""),
+        ("code", """from lorafind_utils import load_catalog, load_profile, resolve, stage_params
+from lorafind_utils.figures import retrieval_figure
+from lorafind_utils.generation import make_queries
+from lorafind_utils.retrieval import (Ranker, evaluate_queries, example_rows, lora_samples, rank_queries, read_queries,
+                                      save_rankings, table3, write_table3)
+
+cfg = load_profile(profile, overrides)
+catalog = load_catalog(cfg)
+runs_dir, figures_dir = resolve(cfg["runs_dir"]), resolve(cfg["figures_dir"])
+qdir = resolve(queries_dir) if queries_dir else runs_dir / "thumbnails"
+if make_queries:
+    qp = dict(stage_params(cfg, "01_synthesize"), prompts=prompts, query_set=query_set, images_per_lora=images_per_lora,
+              seed=query_seed, strength=strength, guidance_scale=guidance_scale)
+    make_queries(cfg, qp, qdir)
+ranker = Ranker.from_profile(cfg, run_name or None)
+print(f"classifier: {ranker.backbone}, input {ranker.size} px")"""),
+        ("code", """pairs, skipped = rank_queries(ranker, read_queries(qdir, catalog))
+for s in skipped:
+    print("skipped:", s)
+metrics = evaluate_queries(pairs, len(catalog))
+save_rankings(pairs, metrics, ranker, skipped, runs_dir / "retrieval" / "rankings.json")
+t3 = table3(pairs, catalog)
+print(write_table3(t3, metrics["all"], figures_dir / "table3"))
+for kind, m in metrics.items():
+    print(f"{kind:>14}: {m['queries']} queries, top-1 {100 * m['top1']:.1f} %, top-3 {100 * m['top3']:.1f} %, "
+          f"top-6 {100 * m['top6']:.1f} %, MRR {100 * m['mrr']:.1f} %")"""),
+        ("md", "## Table 3"),
+        ("code", """t3.drop(columns=["file", "how"])"""),
+        ("md", "## Queries beside sample images of their top-ranked LoRAs"),
+        ("code", """fig = retrieval_figure(example_rows(pairs, lora_samples(cfg), figure_queries, figure_top),
+                       figures_dir / "retrieval_examples.png")"""),
+    ],
+    "06_generate": [
+        ("md", """# 06 · Generate with the retrieved LoRAs (Figure 8)
+
+For chosen queries, the top-1 LoRA and the LoRA that really made the query (if the top-1 is right: the 1st and the
+2nd) restyle the same base image with the same seed (stage 01's settings). The paper could only say it was "not able
+to say" which result is closer; here each generation's **style similarity** to the query is printed under it: the
+cosine similarity of Gram matrices of the classifier backbone's early, frozen ImageNet features (texture and colour
+statistics, independent of layout; 1 = identical statistics), with the base image's own similarity as a reference."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+queries: list = [0, 1, 2, 3]  # stage-05 query indexes (Image1 is 0)
+base_set: str = "variety"  # set of the base image
+base_image: str = ""  # base image id (file stem); empty means the set's first image
+seed: int = 7  # generation seed, the same for every LoRA"""),
+        ("code", """import json
+
+from lorafind_utils import load_profile, resolve, stage_params
+from lorafind_utils.figures import figure8
+from lorafind_utils.files import write_json_atomic
+from lorafind_utils.generation import figure8_rows, prepare_base
+from lorafind_utils.images import read_base_set
+from lorafind_utils.retrieval import Ranker
+
+cfg = load_profile(profile, overrides)
+runs_dir, figures_dir = resolve(cfg["runs_dir"]), resolve(cfg["figures_dir"])
+p01 = stage_params(cfg, "01_synthesize")
+rank_file = runs_dir / "retrieval" / "rankings.json"
+if not rank_file.exists():
+    raise FileNotFoundError(f"{rank_file} not found: run stage 05 (05_retrieve_thumbnails) first")
+rankings = json.loads(rank_file.read_text())
+ranker = Ranker.from_profile(cfg, rankings["classifier"] or None)
+bases = read_base_set(resolve(cfg["base_images"][base_set]))
+chosen = next((b for b in bases if b.id == base_image), None) if base_image else bases[0]
+if chosen is None:
+    raise ValueError(f"no base image '{base_image}' in set {base_set}")
+base = prepare_base(chosen.path, int(p01["resolution"]), int(p01["canny_low"]), int(p01["canny_high"]))"""),
+        ("code", """rows, records = figure8_rows(cfg, rankings, queries, base, seed, p01, ranker)
+write_json_atomic({"measure": "cosine similarity of Gram matrices of the classifier backbone's early frozen features",
+                   "records": records}, runs_dir / "generate" / "figure8.json")
+for r in records:
+    gens = ", ".join(f"{g['lora']} (rank {g['rank']}{', correct' if g['correct'] else ''}): {g['style_similarity']:.3f}"
+                     for g in r["generations"])
+    print(f"{r['query']}: base {r['base_similarity']:.3f}; {gens}")"""),
+        ("md", "## Figure 8"),
+        ("code", """fig = figure8(rows, figures_dir / "figure8.png")"""),
+    ],
 }
 
 

@@ -27,14 +27,23 @@ def test_scrub_removes_secrets(monkeypatch):
 
 
 @pytest.mark.slow
-def test_study_runs_notebooks_01_and_02(tiny_root, catalog, tmp_path, monkeypatch):
+def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monkeypatch):
+    import hashlib
+
     monkeypatch.setenv("CIVITAI_TOKEN", "s3cr3t-value")
     runs = tmp_path / "runs"
     ov = {**tiny_overrides(tiny_root), "runs_dir": str(runs), "figures_dir": str(tmp_path / "fig"),
-          "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 2},
-                     "02_finetune": {"epochs": 2, "val_fraction": 0.5}}}
-    recs = run_study("tiny", only=["01", "02"], overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
-    assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune"] and all(r["status"] == "ok" for r in recs)
+          "stages": {"01_synthesize": {"sets": ["variety", "faces"], "max_images": 3},
+                     "02_finetune": {"epochs": 2, "val_fraction": 0.5},
+                     "03_ablate_sizes": {"sizes": [1], "seeds": [0, 1], "epochs": 1},
+                     "04_domain_vs_variety": {"n": 1, "seeds": [0], "epochs": 1},
+                     "05_retrieve_thumbnails": {"prompts": ["a red house"], "images_per_lora": 1},
+                     "06_generate": {"queries": [0, 5]}}}
+    recs = run_study("tiny", overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
+    assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune", "03_ablate_sizes", "04_domain_vs_variety",
+                                          "05_retrieve_thumbnails", "06_generate"]
+    assert all(r["status"] == "ok" for r in recs)
+    fig = tmp_path / "fig"
     # stage 02 artifacts: checkpoint + label map, history, metrics with both baselines, split by base image
     tr = runs / "train" / "finetune_variety"
     metrics = json.loads((tr / "metrics.json").read_text())
@@ -46,18 +55,49 @@ def test_study_runs_notebooks_01_and_02(tiny_root, catalog, tmp_path, monkeypatc
     assert 0 <= metrics["finetuned"]["accuracy"] <= 1 and metrics["finetuned"]["mrr"] >= metrics["finetuned"]["accuracy"]
     assert (tr / "model.safetensors").exists() and json.loads((tr / "labels.json").read_text())["classes"] == [e["slug"] for e in catalog]
     assert len((tr / "history.csv").read_text().splitlines()) == 1 + metrics["finetuned"]["epochs_run"]
-    for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md"):
-        assert (tmp_path / "fig" / f).exists(), f
+    for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md", "ablation_sizes.png",
+              "domain_vs_variety.png", "table2.csv", "table2.md", "table2.png", "table3.csv", "table3.md", "table3.png",
+              "retrieval_examples.png", "figure8.png"):
+        assert (fig / f).exists(), f
+    # stages 03-04: every run validated on stage 02's validation set; the faces run trained on faces
+    import pandas as pd
+
+    sizes, domain = pd.read_csv(runs / "ablate" / "sizes.csv"), pd.read_csv(runs / "ablate" / "domain.csv")
+    assert len(sizes) == 2 and set(sizes["val_ids"]) | set(domain["val_ids"]) == {"|".join(split["val_ids"])}
+    faces_run = domain[domain["train_set"] == "faces"]["run_dir"].iloc[0]
+    assert json.loads(open(f"{faces_run}/split.json").read())["train_ids"][0].endswith("_face")
+    t2 = pd.read_csv(fig / "table2.csv")
+    assert "Fine-tuned EfficientNet-Lite0" in set(t2["model"]) and (t2["paper_accuracy"] == 50.30).any()
+    # stage 05: rankings are permutations with scores summing to 1; no query image was used in training or validation
+    ranked = json.loads((runs / "retrieval" / "rankings.json").read_text())
+    assert len(ranked["queries"]) == 12 * 2
+    slugs = sorted(e["slug"] for e in catalog)
+    for q in ranked["queries"]:
+        assert sorted(x["lora"] for x in q["ranking"]) == slugs
+        assert sum(x["score"] for x in q["ranking"]) == pytest.approx(1, abs=1e-4)
+    used = set(split["train_ids"]) | set(split["val_ids"])
+    bases = {q["base_image"].split("/")[1] for q in json.loads((runs / "thumbnails" / "manifest.json").read_text())["queries"]
+             if "base_image" in q}
+    assert bases and not bases & used
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    synth_hashes = {digest(p) for p in (runs / "synth").rglob("*.png")}
+    assert not {digest(p) for p in (runs / "thumbnails").rglob("*.png")} & synth_hashes
+    assert set(ranked["metrics"]) >= {"all", "text-to-image", "img2img"}
+    # stage 06: two generations per chosen query, each with a style similarity
+    f8 = json.loads((runs / "generate" / "figure8.json").read_text())
+    assert [r["query"] for r in f8["records"]] == ["Image1", "Image6"]
+    assert all(len(r["generations"]) == 2 and all(0 < g["style_similarity"] <= 1 + 1e-6 for g in r["generations"])
+               for r in f8["records"])
     nb = nbformat.read(tmp_path / "pm" / "01_synthesize.ipynb", as_version=4)
-    assert nb.metadata["papermill"]["parameters"]["max_images"] == 2
+    assert nb.metadata["papermill"]["parameters"]["max_images"] == 3
     man = json.loads((runs / "synth" / "manifest.json").read_text())
-    assert len(man["items"]) == 12 * 2 and man["params"]["max_images"] == 2
-    assert len(list((runs / "synth" / "variety").rglob("*.png"))) == 24
-    grid = Image.open(tmp_path / "fig" / "synthesis_grid_variety.png")
+    assert len(man["items"]) == 12 * 6 and man["params"]["max_images"] == 3
+    assert len(list((runs / "synth" / "variety").rglob("*.png"))) == 36
+    grid = Image.open(fig / "synthesis_grid_variety.png")
     assert grid.size[0] > 100
     rec = read_records(runs / "records.jsonl")[-1]
     assert rec["wall_s"] > 0 and rec["peak_rss_mb"] > 50 and "torch" in rec["versions"] and "git_sha" in rec
-    text = (runs / "records.jsonl").read_text() + (tmp_path / "pm" / "01_synthesize.ipynb").read_text()
+    text = (runs / "records.jsonl").read_text() + "".join(p.read_text() for p in (tmp_path / "pm").glob("*.ipynb"))
     assert "s3cr3t-value" not in text
 
 

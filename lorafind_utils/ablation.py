@@ -1,0 +1,255 @@
+"""Stages 03-04: training-size ablation and domain vs variety, and the complete Table 2.
+
+Every setting is one call of stage 02's :func:`~lorafind_utils.finetune.run_finetune` (same
+training and evaluation code), repeated over seeds, all validated on the one validation set
+that stage 02's split defines (``val_set``, ``val_fraction``, ``split_seed``). Each run writes
+its own folder ``runs/<profile>/train/<run_name>/`` (``metrics.json``, ``history.csv``,
+``split.json``); a finished run with identical parameters is reused, so stage 04 takes the
+70-variety runs that stage 03 made, and an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import resolve, stage_params
+from .files import atomic_path
+from .finetune import BACKBONE_LABELS, run_finetune
+
+METRICS = ("accuracy", "macro_f1", "mrr", "top3_accuracy")
+
+#: The paper's Table 2 (percent), keyed by (train set, images per class); None = the baseline.
+PAPER_TABLE2 = {
+    ("variety", 100): {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
+    (None, None): {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
+    ("variety", 70): {"accuracy": 76.90, "macro_f1": 70.17, "mrr": 62.15},
+    ("variety", 50): {"accuracy": 67.90, "macro_f1": 65.50, "mrr": 55.09},
+    ("variety", 30): {"accuracy": 62.20, "macro_f1": 60.48, "mrr": 60.42},
+    ("faces", 70): {"accuracy": 50.30, "macro_f1": 48.33, "mrr": 47.92},
+}
+
+
+def run_name(train_set: str, n: int, seed: int) -> str:
+    return f"ablate_{train_set}_n{n}_s{seed}"
+
+
+def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None = None,
+                   patience: int | None = None) -> dict:
+    """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint)."""
+    p = dict(stage_params(cfg, "02_finetune"))
+    p.update(train_set=train_set, n_train=int(n), seed=int(seed), subset_seed=int(seed), run_name=run_name(train_set, n, seed),
+             linear_probe=False, save_model=False)
+    if epochs is not None:
+        p["epochs"] = int(epochs)
+    if patience is not None:
+        p["patience"] = int(patience)
+    return p
+
+
+def _finished(out_dir: Path, p: dict) -> dict | None:
+    f = out_dir / "metrics.json"
+    if not f.exists():
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError:  # half-written by a killed run: train again
+        return None
+    return m if m.get("params") == json.loads(json.dumps(p)) else None
+
+
+def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], epochs: int | None = None,
+                 patience: int | None = None, reuse: bool = True, progress: bool = True):
+    """Train and evaluate every (train set, images per class) x seed; one row per run.
+
+    :param reuse: take a finished run with identical parameters from disk instead of training.
+    :return: pandas DataFrame with train_set, n, seed, the fine-tuned metrics, the untrained-head
+        baseline's metrics (``pretrained_*``), best epoch, seconds, reused flag and run folder.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    train_root = resolve(cfg["runs_dir"]) / "train"
+    jobs = [(s, int(n), int(seed)) for s, n in settings for seed in seeds]
+    rows = []
+    bar = tqdm(jobs, desc="ablation runs", unit="run", disable=not progress)
+    for train_set, n, seed in bar:
+        bar.set_postfix(setting=f"{train_set} n={n} seed={seed}")
+        p = setting_params(cfg, train_set, n, seed, epochs, patience)
+        out = train_root / p["run_name"]
+        m = _finished(out, p) if reuse else None
+        reused = m is not None
+        if m is None:
+            m = run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
+        split = json.loads((out / "split.json").read_text())
+        row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"],
+               "backbone": m["backbone_name"], "n_train_images": m["n_train"], "n_val_images": m["n_val"]}
+        row.update({k: m["finetuned"][k] for k in METRICS})
+        row.update({f"pretrained_{k}": m["pretrained"][k] for k in METRICS})
+        row.update(best_epoch=m["finetuned"]["best_epoch"], epochs_run=m["finetuned"]["epochs_run"],
+                   train_seconds=m["finetuned"]["train_seconds"], reused=reused,
+                   val_ids="|".join(split["val_ids"]), run_dir=str(out))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(df, path: str | Path) -> Path:
+    """Per-run results as CSV, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def summarize(df):
+    """Mean and sd (ddof=1) per (train_set, n) over seeds, in percent."""
+    cols = list(METRICS) + [f"pretrained_{k}" for k in METRICS]
+    g = df.groupby(["train_set", "n"], sort=False)[cols]
+    out = (100 * g.mean()).add_suffix("_mean").join((100 * g.std(ddof=1)).add_suffix("_sd"))
+    out["runs"] = g.size()
+    return out.reset_index()
+
+
+def ablation_plot(df, path: str | Path, title: str = ""):
+    """Each metric against images per class, mean with sd error bars over seeds (seaborn)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .figures import _save
+
+    long = df.melt(id_vars=["n", "seed"], value_vars=list(METRICS), var_name="metric", value_name="value")
+    long["value"] *= 100
+    long["metric"] = long["metric"].map({"accuracy": "accuracy", "macro_f1": "macro-F1", "mrr": "MRR",
+                                         "top3_accuracy": "top-3 accuracy"})
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.pointplot(data=long, x="n", y="value", hue="metric", errorbar="sd", capsize=0.15, dodge=0.3, ax=ax,
+                  native_scale=True)
+    chance = 100 / df.attrs.get("k", 12)
+    ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.1f} %)")
+    ax.set_xlabel("training images per class (base images)")
+    ax.set_ylabel("percent (mean ± sd over seeds)")
+    ax.set_title(title or "Training-size ablation")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def domain_plot(df, path: str | Path, title: str = ""):
+    """Faces vs variety at equal size: bars with sd error bars per metric."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .figures import _save
+
+    long = df.melt(id_vars=["train_set", "seed"], value_vars=list(METRICS), var_name="metric", value_name="value")
+    long["value"] *= 100
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    sns.barplot(data=long, x="metric", y="value", hue="train_set", errorbar="sd", capsize=0.1, ax=ax)
+    ax.set_ylabel("percent (mean ± sd over seeds)")
+    ax.set_xlabel("")
+    ax.set_title(title or "Domain (faces) vs variety, equal size, same validation set")
+    return _save(fig, path)
+
+
+def _paper_cell(v) -> str:
+    return "—" if v is None or v != v else f"{v:.2f}"
+
+
+def _fmt(mean: float, sd: float) -> str:
+    if mean != mean:
+        return ""
+    return f"{mean:.2f}" if sd != sd else f"{mean:.2f} ± {sd:.2f}"
+
+
+def table2(sizes, domain, baseline_metrics: dict | None = None, val_desc: str = ""):
+    """The paper's Table 2 from per-run results: our mean ± sd, the paper's values apart.
+
+    :param sizes: stage 03's per-run DataFrame; ``domain``: stage 04's (faces and variety rows).
+    :param baseline_metrics: stage 02's metrics.json (for the linear-probe row), optional.
+    :return: DataFrame with numeric ``*_mean``/``*_sd`` columns, ``paper_*`` columns and ``runs``.
+    """
+    import pandas as pd
+
+    allruns = pd.concat([sizes, domain]).drop_duplicates(subset=["train_set", "n", "seed"])
+    val_ids = set(allruns["val_ids"])
+    if len(val_ids) != 1:
+        raise ValueError("the runs were validated on different sets; Table 2 needs one validation set")
+    net = BACKBONE_LABELS.get(allruns["backbone"].iloc[0], allruns["backbone"].iloc[0])
+    n_val_base = len(next(iter(val_ids)).split("|"))
+    val_desc = val_desc or f"{n_val_base} {allruns['val_set'].iloc[0]} images"
+    rows = []
+
+    def add(label, train_desc, runs, prefix, key):
+        r = {"model": label, "train data": train_desc, "validation data": val_desc}
+        for m in METRICS:
+            vals = 100 * runs[f"{prefix}{m}"].astype(float)
+            r[f"{m}_mean"] = float(vals.mean())
+            r[f"{m}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+        r["seeds"] = len(runs)
+        paper = PAPER_TABLE2.get(key, {})
+        for m in ("accuracy", "macro_f1", "mrr"):
+            r[f"paper_{m}"] = paper.get(m, float("nan"))
+        r["runs"] = " ".join(Path(d).name for d in runs["run_dir"])
+        rows.append(r)
+
+    order = [("variety", 100), (None, None), ("variety", 70), ("variety", 50), ("variety", 30), ("faces", 70)]
+    present = {(s, int(n)) for s, n in zip(allruns["train_set"], allruns["n"])}
+    for s, n in order + sorted(present - set(order)):
+        if s is None:  # the paper's baseline: frozen backbone, untrained head (from the largest variety runs)
+            biggest = allruns[allruns["train_set"] == "variety"]
+            if len(biggest):
+                biggest = biggest[biggest["n"] == biggest["n"].max()]
+                add(f"Pretrained {net} (head untrained)", "", biggest, "pretrained_", (None, None))
+            continue
+        if (s, n) in present:
+            runs = allruns[(allruns["train_set"] == s) & (allruns["n"] == n)]
+            add(f"Fine-tuned {net}", f"{n} {'human face' if s == 'faces' else s} images", runs, "", (s, n))
+    if baseline_metrics and "linear_probe" in baseline_metrics:
+        lp = baseline_metrics["linear_probe"]
+        r = {"model": f"Linear probe (frozen {net})",
+             "train data": f"{baseline_metrics['train_base_images']} {baseline_metrics['params']['train_set']} images",
+             "validation data": val_desc}
+        for m in METRICS:
+            r[f"{m}_mean"], r[f"{m}_sd"] = 100 * lp[m], float("nan")
+        r.update(seeds=1, paper_accuracy=float("nan"), paper_macro_f1=float("nan"), paper_mrr=float("nan"),
+                 runs=baseline_metrics["params"]["run_name"])
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def write_table2(df, stem: str | Path, title: str = "") -> dict:
+    """``<stem>.csv`` (numbers), ``<stem>.md`` and ``<stem>.png`` (mean ± sd; paper values apart)."""
+    import matplotlib.pyplot as plt
+
+    from .figures import _save
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    show = ["model", "train data", "validation data"]
+    head = show + ["Accuracy", "Macro-F1", "MRR", "Top-3", "seeds", "paper: Accuracy", "paper: Macro-F1", "paper: MRR"]
+    cells = []
+    for r in df.to_dict("records"):
+        ours = [_fmt(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS]
+        paper = [_paper_cell(r[f"paper_{m}"]) for m in ("accuracy", "macro_f1", "mrr")]
+        cells.append([str(r[c]) for c in show] + ours + [str(r["seeds"])] + paper)
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join("| " + " | ".join(c) + " |\n" for c in cells)
+    md += "\nOurs: percent, mean ± sd over seeds on one validation set. Paper: its Table 2 (single runs), " \
+          "shown apart and never mixed in; — = not reported (its baseline's Macro-F1 is NaN, from " \
+          "0/0 precision of never-predicted classes, which we count as 0). Runs: the `runs` column of the CSV names each run's folder under " \
+          "`runs/<profile>/train/`.\n"
+    stem.with_suffix(".md").write_text(md)
+    fig, ax = plt.subplots(figsize=(15, 0.45 * len(cells) + 1.2))
+    ax.axis("off")
+    t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.auto_set_column_width(list(range(len(head))))
+    for j in range(len(head)):
+        t[0, j].set_facecolor("#e8e8e8" if j < 8 else "#fbe9d0")
+    ax.set_title(title or "Table 2 (ours: mean ± sd over seeds; paper: its single runs, orange columns)", fontsize=10)
+    _save(fig, stem.with_suffix(".png"))
+    return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md")), "png": str(stem.with_suffix(".png"))}
