@@ -11,6 +11,7 @@ from pathlib import Path
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
