@@ -32,19 +32,32 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ImageError(f"{path.name}: empty file")
+    return _decode(path, path.name, max_pixels)
+
+
+def load_rgb_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_rgb` for bytes in memory (an upload); ``name`` is used in error messages."""
+    import io
+
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(bytes(data)), name, max_pixels)
+
+
+def _decode(src, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(src)
             if im.width * im.height > max_pixels:
-                raise ImageError(f"{path.name}: {im.width}x{im.height} pixels is too large to decode safely (limit {max_pixels:,})")
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large to decode safely (limit {max_pixels:,})")
             im.load()
     except ImageError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ImageError(f"{path.name}: too large to decode safely") from None
+        raise ImageError(f"{name}: too large to decode safely") from None
     except Exception as e:  # PIL raises many types for bad files
-        raise ImageError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return to_rgb(im)
 
 

@@ -9,7 +9,9 @@ converts Civitai/kohya keys). What diffusers does not do for us, we do first:
   (diffusers/peft drop unmatched keys with only a warning, and an SDXL or SD2 LoRA
   would otherwise fail deep inside peft or load half-way);
 * after loading, the number of LoRA-wrapped modules must equal the number of
-  modules the file names.
+  modules the file names, and a DoRA file's magnitude vectors must have arrived;
+* kohya DoRA files (``dora_scale`` keys) are refused: diffusers' SD1.5 loader drops
+  those scales with only a warning and would apply the rest as a plain LoRA.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class LoraInfo:
     """What a LoRA file contains, read from its safetensors header only."""
 
     path: Path
-    layout: str  # kohya | kohya-locon | diffusers-peft
+    layout: str  # kohya | kohya-locon | diffusers-peft | diffusers-peft+dora
     modules: dict[str, dict] = field(default_factory=dict)  # module prefix -> {down, up shapes, alpha?}
     rank: int = 0
     components: tuple[str, ...] = ()
@@ -88,7 +90,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict]:
 def _split_key(key: str) -> tuple[str, str]:
     """``lora_unet_x.lora_down.weight`` -> (``lora_unet_x``, ``lora_down.weight``)."""
     for marker in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".alpha", ".hada_", ".lokr_", ".dora_scale",
-                   ".lora_mid.", ".diff", ".w_norm", ".b_norm"):
+                   ".lora_magnitude_vector", ".lora_mid.", ".diff", ".w_norm", ".b_norm"):
         i = key.find(marker)
         if i > 0:
             return key[:i], key[i + 1 :]
@@ -109,8 +111,13 @@ def inspect_lora(path: str | Path) -> LoraInfo:
         raise LoraError(f"{path.name}: LyCORIS LoHa layout (hada_* keys) is not supported by diffusers' LoRA loader")
     if any(".lokr_" in k for k in keys):
         raise LoraError(f"{path.name}: LyCORIS LoKr layout (lokr_* keys) is not supported by diffusers' LoRA loader")
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any("add_embedding" in k for k in keys):
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys) or any("add_embedding" in k for k in keys):
         raise LoraError(f"{path.name}: an SDXL LoRA (two text encoders); this profile's base model is SD 1.5")
+    if any(k.endswith(".dora_scale") for k in keys):
+        raise LoraError(
+            f"{path.name}: kohya DoRA layout (dora_scale keys) is not supported: diffusers' SD 1.5 LoRA loader drops "
+            "the DoRA scales and would apply the file as a plain LoRA"
+        )
     modules: dict[str, dict] = {}
     for k, v in header.items():
         prefix, part = _split_key(k)
@@ -121,7 +128,7 @@ def inspect_lora(path: str | Path) -> LoraInfo:
             entry["up"] = tuple(v["shape"])
         elif part == "alpha":
             entry["alpha"] = True
-        elif part == "dora_scale":
+        elif part in ("lora_magnitude_vector", "lora_magnitude_vector.weight"):
             entry["dora"] = True
         elif part.startswith("lora_mid"):
             raise LoraError(f"{path.name}: LoCon with CP decomposition (lora_mid keys) is not supported by diffusers")
@@ -237,9 +244,49 @@ def load_lora(pipe, path: str | Path, adapter_name: str, weight: float = 1.0) ->
     if loaded != len(info.modules):
         pipe.delete_adapters(adapter_name)
         raise LoraError(f"{Path(path).name}: diffusers applied {loaded} of the {len(info.modules)} modules in the file")
+    if info.layout.endswith("+dora"):
+        missed = _dora_magnitudes_not_loaded(pipe, path, adapter_name)
+        if missed:
+            pipe.delete_adapters(adapter_name)
+            raise LoraError(
+                f"{Path(path).name}: diffusers did not load the DoRA magnitudes of {len(missed)} modules, e.g. "
+                f"'{missed[0]}' (they would stay at their initial value); this DoRA file cannot be applied faithfully"
+            )
     # Set explicitly on every load: a call at scale 0 can reset adapter weights.
     pipe.set_adapters([adapter_name], adapter_weights=[weight])
     return info
+
+
+def _dora_magnitudes_not_loaded(pipe, path: str | Path, adapter_name: str) -> list[str]:
+    """Keys of the file's DoRA magnitude vectors that did not arrive in the loaded adapter.
+
+    (With transformers 5, diffusers 0.42 leaves the text encoder's magnitudes at their
+    initial value: peft's key and the model's parameter name differ by ``.weight``.)
+    """
+    from safetensors import safe_open
+
+    missed = []
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            if ".lora_magnitude_vector" not in k:
+                continue
+            comp, name = k[: k.index(".lora_magnitude_vector")].split(".", 1)  # diffusers-peft: unet.<path>
+            model = getattr(pipe, comp)
+            if comp == "text_encoder" and not hasattr(model, "text_model"):
+                name = name.removeprefix("text_model.")
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+            mv = getattr(module, "lora_magnitude_vector", None)
+            ok = False
+            if isinstance(mv, torch.nn.ModuleDict) and adapter_name in mv:
+                got = mv[adapter_name].weight.detach()
+                want = f.get_tensor(k).to(device=got.device, dtype=got.dtype).reshape(got.shape)
+                ok = bool(torch.allclose(got.float(), want.float()))
+            if not ok:
+                missed.append(k)
+    return missed
 
 
 # ---------------------------------------------------------------------------------------------

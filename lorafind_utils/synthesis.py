@@ -140,6 +140,7 @@ def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: s
     """
     guidance = float(p.get("guidance_scale", 1.0)) if prompt else 1.0
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    extra = {"callback_on_step_end": p["callback_on_step_end"]} if p.get("callback_on_step_end") else {}
     out = pipe(
         prompt=[prompt] * len(prepared),
         image=[x.init for x in prepared],
@@ -150,6 +151,7 @@ def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: s
         guidance_scale=guidance,
         generator=gens,
         output_type="pil",
+        **extra,
     )
     return out.images
 

@@ -226,6 +226,13 @@ for kind, m in metrics.items():
         ("md", "## Queries beside sample images of their top-ranked LoRAs"),
         ("code", """fig = retrieval_figure(example_rows(pairs, lora_samples(cfg), figure_queries, figure_top),
                        figures_dir / "retrieval_examples.png")"""),
+        ("md", """## Try your own image
+
+Upload an image in the style you want: the LoRAs are ranked by the same classifier, and *Generate* restyles a base
+image with the LoRA you pick. (In a headless papermill run this panel is inert output.)"""),
+        ("code", """from lorafind_utils.widget import RankWidget
+
+RankWidget(cfg, run_name=run_name or None)"""),
     ],
     "06_generate": [
         ("md", """# 06 · Generate with the retrieved LoRAs (Figure 8)
@@ -272,6 +279,19 @@ for r in records:
     print(f"{r['query']}: base {r['base_similarity']:.3f}; {gens}")"""),
         ("md", "## Figure 8"),
         ("code", """fig = figure8(rows, figures_dir / "figure8.png")"""),
+    ],
+    "rank_my_image": [
+        ("md", """# Which LoRA paints like my image?
+
+Run this notebook (Run ▸ Run All Cells), then upload an image in the style you want. The LoRAs of the catalog are
+ranked by the classifier that stage 02 trained (run `make study` or `lorafind train` first); pick one and a base image
+and press *Generate* to see what it makes."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"runs_dir": "/tmp/run"}
+top: int = 5  # LoRAs shown at first"""),
+        ("code", """from lorafind_utils.widget import RankWidget
+
+RankWidget.from_profile(profile, overrides, top=top)"""),
     ],
 }
 
