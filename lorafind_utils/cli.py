@@ -95,6 +95,13 @@ def cmd_lora_check(args):
     print(f"    loads onto {cfg['models']['base']}: {touched['unet']} UNet modules, {touched['text_encoder']} text-encoder modules")
 
 
+def cmd_fetch(args):
+    from .config import load_profile
+    from .fetch import fetch
+
+    fetch(load_profile(args.profile, _overrides(args)), what=args.only)
+
+
 def cmd_rank(args):
     from .config import load_profile
     from .images import ImageError
@@ -181,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-set", help="restyled set to train on (default: the profile's)")
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("fetch", help="download the profile's models, LoRAs (Civitai; token from CIVITAI_TOKEN) and weights")
+    _profile_arg(p)
+    p.add_argument("--only", action="append", choices=["models", "loras", "resnet50"],
+                   help="fetch only this (repeatable); default: what the profile needs")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("rank", help="rank the catalog's LoRAs for style images (needs stage 02's classifier)")
     _profile_arg(p)

@@ -36,11 +36,11 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from .config import load_catalog, resolve
+from .config import load_catalog, resolve, stage_params
 from .files import write_json_atomic
 from .records import SECRET_KEY, scrub
 
-#: what ``fetch`` does by default, in this order.
+#: what ``fetch`` can download, in the order it does it.
 FETCH_ITEMS = ("models", "loras", "resnet50")
 #: the environment variable holding a Civitai API key.
 TOKEN_ENV = "CIVITAI_TOKEN"
@@ -49,7 +49,9 @@ HASHES_FILE = "hashes.json"
 #: the folder (beside a download) that files failing verification are moved to.
 QUARANTINE_DIR = "quarantine"
 #: Stable Diffusion 1.5 files the ControlNet img2img pipeline loads (fp32 safetensors only; no
-#: safety checker, no fp16/non-EMA/.bin/.ckpt duplicates): about 2.7 GB instead of ~40 GB.
+#: safety checker, no fp16/non-EMA/.bin/.ckpt duplicates): about 4.3 GB, not the whole repository.
+#: They are a superset of what diffusers asks the cache for when loading offline with
+#: ``safety_checker=None``, so a later ``HF_HUB_OFFLINE=1`` load finds everything.
 BASE_MODEL_PATTERNS = (
     "model_index.json",
     "scheduler/*",
@@ -66,6 +68,8 @@ BASE_MODEL_PATTERNS = (
 CONTROLNET_PATTERNS = ("config.json", "diffusion_pytorch_model.safetensors")
 #: HTTP statuses worth retrying (rate limiting, server hiccups).
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+#: seconds before the first retry of a download (doubling after each), unless ``backoff`` is given.
+RETRY_BACKOFF = 1.0
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -200,7 +204,7 @@ def _http_error(status: int, url: str, label: str, token: str | None) -> FetchEr
 
 def download(url: str, dest: str | Path, expected_sha256: str | None = None, token: str | None = None,
              chunk: int = 1 << 20, retries: int = 3, timeout: float = 30, progress: bool = True, *,
-             label: str = "", backoff: float = 1.0, session: requests.Session | None = None) -> DownloadResult:
+             label: str = "", backoff: float | None = None, session: requests.Session | None = None) -> DownloadResult:
     """Download ``url`` to ``dest``: resumable, hash-verified, atomic.
 
     :param url: the file's URL; redirects are followed.
@@ -213,13 +217,14 @@ def download(url: str, dest: str | Path, expected_sha256: str | None = None, tok
     :param timeout: seconds to wait for the connection and for each read.
     :param progress: show a progress bar.
     :param label: what is downloaded, for messages (e.g. a LoRA's slug); defaults to the URL.
-    :param backoff: seconds before the first retry, doubling after each (0 in tests).
+    :param backoff: seconds before the first retry, doubling after each; default :data:`RETRY_BACKOFF`.
     :param session: a ``requests.Session`` to reuse; a new one by default.
     :raises FetchError: HTTP errors (401/403: a token is needed), a hash mismatch (the file is moved to
         ``quarantine/`` beside ``dest``), retries exhausted (``.part`` kept); :class:`DiskFullError` when
         the disk fills up (``.part`` kept). No message contains the token.
     """
     dest = Path(dest)
+    backoff = RETRY_BACKOFF if backoff is None else backoff
     expected = expected_sha256.lower() if expected_sha256 else None
     name = label or dest.name
     if dest.exists():
@@ -427,8 +432,8 @@ def _hub_fetch(repo_id: str, patterns: Iterable[str], cache_dir: str | Path | No
     incomplete = getattr(errors, "IncompleteSnapshotError", LocalEntryNotFoundError)
 
     offline = constants.HF_HUB_OFFLINE
-    access = (f"run `lorafind fetch --profile paper` without HF_HUB_OFFLINE on a machine with access to "
-              f"huggingface.co (or copy its HF_HOME cache here)")
+    access = ("run `lorafind fetch --profile paper` without HF_HUB_OFFLINE on a machine with access to "
+              "huggingface.co (or copy its HF_HOME cache here)")
     kwargs = {"allow_patterns": list(patterns)}
     if cache_dir is not None:
         kwargs["cache_dir"] = str(cache_dir)
@@ -501,19 +506,35 @@ def fetch_resnet50_weights(progress: bool = True) -> dict:
     return {"path": str(path), "status": "present" if present else "downloaded"}
 
 
-def fetch(cfg: dict, what: Iterable[str] = FETCH_ITEMS, progress: bool = True) -> dict[str, list[dict]]:
-    """Fetch everything the profile needs, printing one summary line per item.
+def needed_items(cfg: dict) -> list[str]:
+    """What a profile needs downloaded: ``models`` for Hub ids, ``loras`` when its catalog has URLs,
+    ``resnet50`` when stage 02's backbone is ResNet50 (the tiny profile needs nothing)."""
+    items = []
+    if cfg["models"].get("kind") == "hub":
+        items.append("models")
+    if any(e.get("url") for e in load_catalog(cfg)):
+        items.append("loras")
+    if stage_params(cfg, "02_finetune").get("backbone", "resnet50") == "resnet50":
+        items.append("resnet50")
+    return items
+
+
+def fetch(cfg: dict, what: Iterable[str] | None = None, progress: bool = True) -> dict[str, list[dict]]:
+    """Fetch what the profile needs, printing one summary line per file or model.
 
     :param cfg: a profile (``load_profile``).
-    :param what: any of ``models``, ``loras``, ``resnet50`` (done in that order).
+    :param what: any of ``models``, ``loras``, ``resnet50`` (done in that order); default
+        :func:`needed_items` (for the paper profile: all three).
     :param progress: show progress bars.
     :return: {item: list of result dicts} for the items done.
     :raises FetchError: an unknown item, or the first item that fails (earlier ones stay done).
     """
-    what = list(what)
+    what = needed_items(cfg) if what is None else list(what)
     unknown = [w for w in what if w not in FETCH_ITEMS]
     if unknown:
         raise FetchError(f"unknown fetch item(s) {', '.join(unknown)}; choose from {', '.join(FETCH_ITEMS)}")
+    if not what:
+        print(f"profile '{cfg.get('name', '?')}': nothing to download (its models and LoRAs are built locally)")
     done: dict[str, list[dict]] = {}
     for item in FETCH_ITEMS:
         if item not in what:

@@ -14,7 +14,8 @@ from safetensors.torch import save as safetensors_bytes
 from lorafind_utils import fetch as fetch_mod
 from lorafind_utils.config import load_profile
 from lorafind_utils.fetch import (BASE_MODEL_PATTERNS, CONTROLNET_PATTERNS, DiskFullError, FetchError,
-                                  HashMismatchError, download, fetch, fetch_loras, fetch_models, fetch_resnet50_weights)
+                                  HashMismatchError, download, fetch, fetch_loras, fetch_models, fetch_resnet50_weights,
+                                  needed_items)
 from lorafind_utils.loras import inspect_lora
 
 TOKEN = "good-token"
@@ -43,7 +44,9 @@ FILES = {"a": _lora_bytes(1), "b": _lora_bytes(2), "evil": _pickle_bytes()}
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Routes: /file/x (Range), /redirect/x, /xredirect/x (to localhost), /drop/x, /auth/x, /auth-xredirect/x."""
+    """Routes: /file/x (Range), /redirect/x, /xredirect/x (to localhost), /drop/x (drops the first answer
+    half-way), /halfdrop/x (drops every answer half-way), /flaky/x (503 every other request), /auth/x,
+    /auth-xredirect/x (auth, then a redirect to another host)."""
 
     server: "_Server"
 
@@ -70,14 +73,22 @@ class _Handler(BaseHTTPRequestHandler):
             if route == "auth":
                 return self._serve(FILES[name])
             return self._redirect(f"http://localhost:{self.server.server_port}/file/{name}")
-        if route == "drop":
-            if self.headers.get("Range"):
-                return self._serve(FILES[name])
-            data = FILES[name]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
+        if route == "flaky":
+            if sum(r["path"] == self.path for r in self.server.log) % 2:
+                return self._status(503)
+            return self._serve(FILES[name])
+        if route == "drop" and self.headers.get("Range"):
+            return self._serve(FILES[name])
+        if route in ("drop", "halfdrop"):
+            rng = self.headers.get("Range")
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            body = FILES[name][start:]
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(FILES[name]) - 1}/{len(FILES[name])}")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(data[: len(data) // 2])  # then the connection drops
+            self.wfile.write(body[: len(body) // 2])  # then the connection drops
             self.wfile.flush()
             self.close_connection = True
             return None
@@ -135,6 +146,7 @@ def base(server, monkeypatch):
     """The server's base URL, with an empty request log and no proxy in the way."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("CIVITAI_TOKEN", raising=False)
+    monkeypatch.setattr(fetch_mod, "RETRY_BACKOFF", 0.0)  # retry at once
     server.log.clear()
     return f"http://127.0.0.1:{server.server_port}"
 
@@ -177,7 +189,7 @@ def test_token_is_sent_to_first_host_only(base, server, tmp_path):
 
 def test_dropped_connection_resumes_with_range(base, server, tmp_path):
     dest = tmp_path / "a.safetensors"
-    res = download(f"{base}/drop/a", dest, expected_sha256=sha(FILES["a"]), progress=False, backoff=0)
+    res = download(f"{base}/drop/a", dest, expected_sha256=sha(FILES["a"]), progress=False)
     assert dest.read_bytes() == FILES["a"]
     assert res.sha256 == sha(FILES["a"]) and res.resumed is True and res.skipped is False
     half = len(FILES["a"]) // 2
@@ -202,9 +214,29 @@ def test_leftover_part_of_a_killed_run_is_resumed(base, server, tmp_path):
     server.log.clear()
     dest3 = tmp_path / "c.safetensors"
     (tmp_path / "c.safetensors.part").write_bytes(b"x" * (len(FILES["a"]) + 10))
-    res3 = download(f"{base}/file/a", dest3, progress=False, backoff=0)
+    res3 = download(f"{base}/file/a", dest3, progress=False)
     assert dest3.read_bytes() == FILES["a"] and res3.resumed is False
     assert [r["range"] for r in server.log] == [f"bytes={len(FILES['a']) + 10}-", None]
+
+
+def test_transient_errors_are_retried_and_exhausted_retries_keep_the_part(base, server, tmp_path):
+    res = download(f"{base}/flaky/a", tmp_path / "a.safetensors", progress=False)
+    assert res.sha256 == sha(FILES["a"]) and [r["path"] for r in server.log] == ["/flaky/a"] * 2
+    server.log.clear()
+    dest = tmp_path / "b.safetensors"
+    part = tmp_path / "b.safetensors.part"
+    with pytest.raises(FetchError) as exc:
+        download(f"{base}/halfdrop/b", dest, progress=False, retries=2, token=SECRET)
+    starts = [0]  # three attempts (1 + 2 retries), each receiving half of what is left
+    for _ in range(3):
+        starts.append(starts[-1] + (len(FILES["b"]) - starts[-1]) // 2)
+    kept = starts[-1]
+    msg = str(exc.value)
+    assert "failed after 2 retries" in msg and f"the {kept} bytes downloaded are kept in {part}" in msg
+    assert SECRET not in msg and part.read_bytes() == FILES["b"][:kept] and not dest.exists()
+    assert [r["range"] for r in server.log] == [None, f"bytes={starts[1]}-", f"bytes={starts[2]}-"]
+    res = download(f"{base}/file/b", dest, expected_sha256=sha(FILES["b"]), progress=False)
+    assert res.resumed is True and dest.read_bytes() == FILES["b"]
 
 
 def test_wrong_hash_is_quarantined(base, tmp_path):
@@ -354,7 +386,11 @@ def test_fetch_loras_quarantines_a_pickle(base, tmp_path):
     assert json.loads((tmp_path / "loras" / "hashes.json").read_text()) == {"anime": sha(FILES["a"])}
 
 
-def test_fetch_loras_needs_urls_and_fetch_knows_its_items(tiny_cfg):
+def test_fetch_does_what_the_profile_needs(tiny_cfg, capsys):
+    assert needed_items(load_profile("paper")) == ["models", "loras", "resnet50"]
+    assert needed_items(tiny_cfg) == []
+    assert fetch(tiny_cfg, progress=False) == {}
+    assert "profile 'tiny': nothing to download" in capsys.readouterr().out
     with pytest.raises(FetchError, match="no LoRA has a download url"):
         fetch_loras(tiny_cfg, progress=False)
     with pytest.raises(FetchError, match="unknown fetch item"):

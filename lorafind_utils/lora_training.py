@@ -1,0 +1,285 @@
+"""Train a style LoRA on the UNet's attention layers (diffusers + PEFT), as diffusers' own
+``train_text_to_image_lora.py`` does, and save it in the diffusers/PEFT and kohya layouts.
+
+Data: a folder of style images with captions (``captions.csv`` with columns file,caption, or
+``captions.jsonl`` with {"file", "caption"}), or a fixed template such as
+``"{name}, in the style of {style}"``. Every problem with the data is reported before training.
+
+Training: frozen VAE, text encoder and UNet; LoRA (rank r, alpha) on ``to_q/to_k/to_v/to_out.0``
+of every UNet attention layer; epsilon-prediction MSE on the base model's DDPM noise schedule;
+AdamW. Deterministic for a fixed seed on CPU; a checkpoint every ``checkpoint_every`` steps
+(LoRA weights as safetensors, optimizer state read back with ``weights_only=True``) lets a killed
+run resume and end with exactly the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .files import atomic_path, write_json_atomic
+from .images import IMAGE_SUFFIXES, ImageError, load_rgb, square_resize
+
+TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class StyleDataError(ValueError):
+    """Style images or captions that cannot be trained on; the message names the problem."""
+
+
+@dataclass
+class StyleImage:
+    file: str
+    caption: str
+    image: Image.Image
+
+
+def read_style_set(folder: str | Path, template: str = "", style: str = "", resolution: int = 64,
+                   min_images: int = 4) -> list[StyleImage]:
+    """Read every image of ``folder`` with its caption; all problems are reported together.
+
+    :param template: used when the folder has no captions file, e.g. ``"{name}, in the style of {style}"``
+        (``{name}``: the file stem with ``_`` as spaces).
+    :raises StyleDataError: unreadable images, captions naming missing images, images without a
+        caption, or fewer than ``min_images`` images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StyleDataError(f"style folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    captions: dict[str, str] = {}
+    if (folder / "captions.csv").exists():
+        with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+            captions = {r["file"]: r["caption"] for r in csv.DictReader(f)}
+    elif (folder / "captions.jsonl").exists():
+        for i, line in enumerate((folder / "captions.jsonl").read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    captions[r["file"]] = r["caption"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise StyleDataError(f"captions.jsonl line {i}: {type(e).__name__}: {e}") from None
+    elif not template:
+        raise StyleDataError(f"{folder}: no captions.csv / captions.jsonl and no caption template given")
+    problems = []
+    missing = sorted(set(captions) - {p.name for p in files})
+    if missing:
+        problems.append(f"captions name missing images: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
+    out = []
+    for p in files:
+        if captions and p.name not in captions:
+            problems.append(f"{p.name}: no caption")
+            continue
+        try:
+            im = square_resize(load_rgb(p), resolution)
+        except ImageError as e:
+            problems.append(str(e))
+            continue
+        cap = captions.get(p.name) or template.format(name=p.stem.replace("_", " "), style=style)
+        out.append(StyleImage(p.name, cap, im))
+    if problems:
+        raise StyleDataError(f"{folder}: " + "; ".join(problems))
+    if len(out) < min_images:
+        raise StyleDataError(f"{folder}: {len(out)} usable images, at least {min_images} are needed "
+                             "(training and held-out evaluation images)")
+    return out
+
+
+def split_style_set(items: list[StyleImage], holdout: float = 0.25, seed: int = 0) -> tuple[list[StyleImage], list[StyleImage]]:
+    """(training, held-out) -- held-out style images are the reference for FID/KID/LPIPS."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_hold = max(2, int(round(holdout * len(items))))
+    if len(items) - n_hold < 2:
+        raise StyleDataError(f"{len(items)} images are too few to hold out {n_hold} for evaluation and still train")
+    return [items[i] for i in sorted(order[n_hold:])], [items[i] for i in sorted(order[:n_hold])]
+
+
+def check_ranks(ranks) -> list[int]:
+    """Ranks must be positive integers."""
+    out = []
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or int(r) < 1:
+            raise ValueError(f"LoRA rank {r!r} is not a positive integer")
+        out.append(int(r))
+    return out
+
+
+def load_training_models(base: str, device: str = "cpu"):
+    """VAE, text encoder, tokenizer, UNet and the DDPM noise schedule of the base model, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).eval()
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").to(device).eval()
+    tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").to(device)
+    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    for m in (vae, te, unet):
+        m.requires_grad_(False)
+    return vae, te, tok, unet, sched
+
+
+def _lora_params(unet):
+    return {k: v for k, v in unet.named_parameters() if "lora_" in k}
+
+
+def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, rank: int, alpha: float | None = None,
+               steps: int = 200, lr: float = 1e-4, batch_size: int = 4, seed: int = 0, checkpoint_every: int = 50,
+               device: str = "cpu", progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train one LoRA; resumes from ``out_dir/checkpoint`` if a previous run stopped.
+
+    :param stop_after: stop (as a kill would) after this many steps in this call -- for tests.
+    :return: {"history": [{step, loss}], "lora": diffusers-layout file, "kohya": kohya-layout file, ...}
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    rank = check_ranks([rank])[0]
+    alpha = float(alpha if alpha is not None else rank)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae, te, tok, unet, sched = load_training_models(base, device)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    params = _lora_params(unet)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=1e-2)
+
+    # Encode the images and captions once (VAE and text encoder are frozen).
+    with torch.no_grad():
+        x = torch.stack([torch.from_numpy(np.asarray(it.image).copy()).permute(2, 0, 1) for it in train_items]).float()
+        x = x.div(127.5).sub(1).to(device)
+        latents_mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        latents_std = vae.encode(x).latent_dist.std * vae.config.scaling_factor
+        ids = tok([it.caption for it in train_items], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(device)
+        text = te(ids)[0]
+
+    ckpt = out_dir / "checkpoint"
+    start, history = 0, []
+    g = torch.Generator().manual_seed(seed)
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["rank"] != rank or state["alpha"] != alpha or state["seed"] != seed:
+            raise ValueError(f"{ckpt} belongs to another run (rank {state['rank']}, alpha {state['alpha']}, "
+                             f"seed {state['seed']}); delete it or choose another folder")
+        unet.load_state_dict(load_file(str(ckpt / "lora.safetensors")), strict=False)
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        g.set_state(torch.load(ckpt / "generator.pt", weights_only=True))
+        start, history = state["step"], state["history"]
+
+    def save_ckpt(step):
+        ckpt.mkdir(exist_ok=True)
+        with atomic_path(ckpt / "lora.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp))
+        with atomic_path(ckpt / "optimizer.pt") as tmp:
+            torch.save(opt.state_dict(), tmp)
+        with atomic_path(ckpt / "generator.pt") as tmp:
+            torch.save(g.get_state(), tmp)
+        write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "history": history}, ckpt / "state.json")
+
+    unet.train()
+    n = len(train_items)
+    bar = tqdm(range(start, steps), desc=f"LoRA rank {rank}", unit="step", disable=not progress, initial=start, total=steps)
+    done_here = 0
+    for step in bar:
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+        eps = torch.randn(latents_mean[idx].shape, generator=g)
+        lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g).to(device)
+        noise = eps.to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+        noisy = sched.add_noise(lat, noise, t)
+        pred = unet(noisy, t, text[idx]).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"step": step + 1, "loss": float(loss.detach())})
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        done_here += 1
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_ckpt(step + 1)
+        if stop_after is not None and done_here >= stop_after:
+            bar.close()
+            return {"history": history, "stopped_at": step + 1}
+    bar.close()
+
+    lora_sd = get_peft_model_state_dict(unet)
+    files = save_lora_layouts(lora_sd, out_dir, alpha)
+    meta = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+            "train_images": [it.file for it in train_items], "base": str(base)}
+    write_json_atomic({**meta, "history": history}, out_dir / "training.json")
+    return {"history": history, **files, **meta}
+
+
+def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float) -> dict:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT, via ``save_lora_weights``) and
+    ``lora_kohya.safetensors`` (kohya keys ``lora_unet_…`` with ``.alpha``, via diffusers'
+    ``convert_state_dict_to_kohya``) for other SD tools."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=peft_sd, safe_serialization=True)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
+    kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
+    with atomic_path(out_dir / "lora_kohya.safetensors") as tmp:
+        save_file(kohya, str(tmp), metadata={"ss_network_dim": str(next(v.shape[0] for k, v in kohya.items()
+                                                                          if k.endswith("lora_down.weight"))),
+                                             "ss_network_alpha": str(alpha)})
+    return {"lora": str(out_dir / "pytorch_lora_weights.safetensors"), "kohya": str(out_dir / "lora_kohya.safetensors")}
+
+
+def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[dict]) -> Path:
+    """A catalog (``data/loras``-style YAML) with the profile's LoRAs plus the trained ones, so that
+    stages 01-06 can synthesize with them and retrieve them (``catalog:`` + ``lora_dir:``)."""
+    import yaml
+
+    keep = ("slug", "name", "short", "file", "base_model", "trigger_words", "sha256")
+    entries = [{k: e[k] for k in keep if k in e} | {"file": e["path"]} for e in base_catalog]
+    entries += [{"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]), "file": str(t["kohya"]),
+                 "base_model": t.get("base_model", ""), "trigger_words": t.get("trigger_words", []), "sha256": None}
+                for t in trained]
+    path = Path(catalog_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"loras": entries}, sort_keys=False))
+    return path
+
+
+def make_demo_style_set(base_folder: str | Path, out_folder: str | Path, n: int = 16, resolution: int = 64,
+                        style: str = "duotone poster") -> Path:
+    """A small real style set for the offline profile: ``n`` real photos of a base-image set given
+    one consistent look (3-level posterization + a blue/orange duotone), with ``captions.csv``
+    ("<subject>, in the style of <style>"). Idempotent."""
+    from .images import read_base_set
+
+    out = Path(out_folder)
+    if (out / "captions.csv").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    dark, light = np.array([20, 40, 110], np.float32), np.array([250, 170, 60], np.float32)
+    for b in read_base_set(base_folder)[:n]:
+        im = square_resize(load_rgb(b.path), resolution)
+        lum = np.asarray(im.convert("L"), np.float32) / 255.0
+        lum = np.round(lum * 2) / 2  # posterize to 3 levels
+        px = (dark + (light - dark) * lum[..., None]).clip(0, 255).astype(np.uint8)
+        name = f"{b.id}.png"
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(px).save(tmp, format="PNG")
+        rows.append({"file": name, "caption": f"{b.subject or b.id.replace('_', ' ')}, in the style of {style}"})
+    with atomic_path(out / "captions.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "caption"])
+            w.writeheader()
+            w.writerows(rows)
+    return out
