@@ -1,7 +1,8 @@
 """Published architecture configs of the paper profile's models, and weight-free builds of them.
 
 No model hub is reachable in tests, so the configs are written out here as Python
-dicts, copied field by field from the public files:
+dicts, transcribed field by field from the public files (not downloaded; their
+faithfulness is checked by the parameter counts below and in the tests):
 
 * ``SD15_UNET_CONFIG``: ``unet/config.json`` of ``runwayml/stable-diffusion-v1-5``
   (mirrored unchanged as ``stable-diffusion-v1-5/stable-diffusion-v1-5``).
@@ -18,8 +19,11 @@ dicts, copied field by field from the public files:
 Bookkeeping fields (``_class_name``, ``_diffusers_version``, ``architectures``,
 ``torch_dtype``, ...) are left out; every architectural field is kept, including
 those equal to the diffusers/transformers defaults, so the dicts read like the
-files. The tests check the builds against the published parameter counts
-(SD1.5 UNet 859,520,964; CLIP ViT-L/14 text encoder 123,060,480).
+files. ``tests/test_fullsize_keys.py`` checks the builds against the published
+parameter counts (SD1.5 UNet 859,520,964; CLIP ViT-L/14 text encoder 123,060,480;
+SDXL UNet 2,567,463,684 and text encoder 2 694,659,840; SD 2.1 UNet 865,910,724 and
+text encoder 340,387,840) and the ControlNet against ``ControlNetModel.from_unet``
+of the SD1.5 UNet.
 
 ``meta_*`` build a model on the ``meta`` device: every parameter has its real
 shape but no storage, so the full-size architecture costs no memory and about a
