@@ -95,6 +95,29 @@ def cmd_lora_check(args):
     print(f"    loads onto {cfg['models']['base']}: {touched['unet']} UNet modules, {touched['text_encoder']} text-encoder modules")
 
 
+def cmd_train_lora(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .config import load_profile, resolve, stage_params
+    from .lora_training import run_sweep, sweep_table, write_sweep_table
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, "07_train_style_lora")
+    for k in ("style_dir", "style_name", "caption_template", "ranks", "steps", "lr", "alpha", "batch_size", "seed"):
+        if getattr(args, k, None) is not None:
+            p[k] = getattr(args, k)
+    res = run_sweep(cfg, p)
+    out = write_sweep_table(sweep_table(res["rows"]), resolve(cfg["figures_dir"]) / "style_lora_ranks",
+                            f"FID/KID/IS network: {res['feature_net']}; LPIPS backbone: {res['lpips_backbone']}; "
+                            f"CLIP: {res['clip_model']}")
+    for r, sps in res["steps_per_s"].items():
+        h = res["histories"][r]
+        print(f"rank {r}: {sps:.2f} steps/s, loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}")
+    print(open(out["md"]).read())
+    print(f"LoRAs (diffusers + kohya layouts) and catalog: {res['catalog']}")
+
+
 def cmd_fetch(args):
     from .config import load_profile
     from .fetch import fetch
@@ -188,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-set", help="restyled set to train on (default: the profile's)")
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-lora", help="train a style LoRA per rank from a folder of images, and score them")
+    _profile_arg(p)
+    p.add_argument("--style-dir", help="folder of style images (+ captions.csv / captions.jsonl)")
+    p.add_argument("--style-name", help="the style's name (captions, catalog)")
+    p.add_argument("--caption-template", help='used without a captions file, e.g. "{name}, in the style of {style}"')
+    p.add_argument("--ranks", type=int, nargs="+")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser("fetch", help="download the profile's models, LoRAs (Civitai; token from CIVITAI_TOKEN) and weights")
     _profile_arg(p)

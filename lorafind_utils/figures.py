@@ -130,3 +130,83 @@ def figure8(rows: list[dict], out_png: str | Path | None = None, title: str = ""
     fig.suptitle(title or "Query | base image | generated with retrieved LoRAs (same base image and seed)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _np_img(t):
+    return t.permute(1, 2, 0).numpy()
+
+
+def rank_grid(images: dict, prompts: list[str], seed: int, out_png: str | Path | None = None, title: str = ""):
+    """Prompts (rows) x models (columns: base, rank …), one seed -- the reference's comparison grid."""
+    models = list(images)
+    fig, axes = plt.subplots(len(prompts), len(models), figsize=(1.9 * len(models), 1.9 * len(prompts)), squeeze=False)
+    for i, pr in enumerate(prompts):
+        for j, m in enumerate(models):
+            ax = axes[i][j]
+            ax.imshow(_np_img(images[m][seed][i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(m, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(pr[:28] + ("…" if len(pr) > 28 else ""), fontsize=7)
+    fig.suptitle(title or f"Prompts × LoRA rank (seed {seed})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def base_vs_finetuned(images: dict, prompts: list[str], seed: int, model: str, style: list, out_png=None, title: str = ""):
+    """Three rows for the same prompts: base model, fine-tuned model, and held-out style images."""
+    n = len(prompts)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.2), squeeze=False)
+    for j in range(n):
+        for i, (label, im) in enumerate((("base", _np_img(images["base"][seed][j])),
+                                         (model, _np_img(images[model][seed][j])),
+                                         ("style image", style[j % len(style)]))):
+            ax = axes[i][j]
+            ax.imshow(im)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=9)
+            if i == 0:
+                ax.set_title(prompts[j][:24] + ("…" if len(prompts[j]) > 24 else ""), fontsize=7)
+    fig.suptitle(title or f"Base vs {model}, same prompts and seed; bottom: held-out style images", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def metrics_vs_rank(rows: list[dict], out_png=None, title: str = ""):
+    """Each metric against the model (base, rank …), mean ± sd over seeds."""
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame(rows)
+    metrics = [m for m in ("fid", "kid", "lpips", "clip", "is") if m in df]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 3.0), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        sns.pointplot(data=df, x="model", y=m, errorbar="sd", capsize=0.2, ax=ax)
+        ax.set_title({"fid": "FID ↓", "kid": "KID ↓", "lpips": "LPIPS to style ↓", "clip": "CLIP score ↑", "is": "IS ↑"}[m])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.suptitle(title or "Metrics by LoRA rank (mean ± sd over seeds)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def loss_curves(histories: dict, out_png=None, title: str = "", window: int = 10):
+    """Training loss per step for each rank (raw, faint; rolling mean over ``window`` steps)."""
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for r, h in histories.items():
+        df = pd.DataFrame(h)
+        line, = ax.plot(df["step"], df["loss"], alpha=0.25, lw=0.8)
+        ax.plot(df["step"], df["loss"].rolling(window, min_periods=1).mean(), color=line.get_color(), label=f"rank {r}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.legend()
+    ax.set_title(title or f"LoRA training loss (rolling mean over {window} steps)")
+    fig.tight_layout()
+    return _save(fig, out_png)

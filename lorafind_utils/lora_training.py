@@ -283,3 +283,141 @@ def make_demo_style_set(base_folder: str | Path, out_folder: str | Path, n: int 
             w.writeheader()
             w.writerows(rows)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank sweep: train one LoRA per rank, generate with each (and the base), score the sets
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], seed: int, steps: int, guidance: float, resolution: int) -> torch.Tensor:
+    """uint8 [len(prompts), 3, R, R]; prompt i uses seed (seed, i) so sets are comparable across models."""
+    gens = [torch.Generator("cpu").manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+               generator=gens, output_type="np").images
+    return torch.from_numpy((out * 255).round().astype(np.uint8)).permute(0, 3, 1, 2)
+
+
+def to_uint8(items: list[StyleImage]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(it.image).copy()).permute(2, 0, 1) for it in items])
+
+
+def evaluate_sweep(base: str, loras: dict, heldout: list[StyleImage], prompts: list[str], seeds: list[int], steps: int,
+                   guidance: float, resolution: int, feature_net: str = "efficientnet_lite0", lpips_backbone: str = "random",
+                   clip_path: str = "", device: str = "cpu", progress: bool = True) -> tuple[list[dict], dict]:
+    """Generate the same prompts and seeds with the base model and with every LoRA; score each set.
+
+    :param loras: {label (e.g. "rank 4"): diffusers-layout LoRA file}.
+    :return: (one row per (model, seed) with fid, kid, lpips, clip, is; {model: {seed: images}}).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from . import style_metrics as sm
+    from .synthesis import quiet_libraries
+
+    quiet_libraries()
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    real = to_uint8(heldout)
+    feat, logits = sm.feature_extractor(feature_net), sm.feature_extractor(feature_net, logits=True)
+    lp = sm.lpips_model(lpips_backbone)
+    clip = sm.load_clip(clip_path) if clip_path else None
+    rows, images = [], {}
+    models = [("base", None)] + list(loras.items())
+    bar = tqdm(total=len(models) * len(seeds), desc="evaluating", unit="set", disable=not progress)
+    for label, path in models:
+        if path:
+            pipe.load_lora_weights(path, adapter_name=label.replace(" ", "_"))
+        try:
+            images[label] = {}
+            for s in seeds:
+                fake = sample_images(pipe, prompts, s, steps, guidance, resolution)
+                images[label][s] = fake
+                row = {"model": label, "seed": s, **sm.fid_kid(real, fake, feat),
+                       "lpips": sm.lpips_to_set(fake, real, lp), **sm.inception_score(fake, logits)}
+                if clip:
+                    row["clip"] = sm.clip_score(fake, prompts, *clip)
+                rows.append(row)
+                bar.update()
+        finally:
+            if path:
+                pipe.unload_lora_weights()
+    bar.close()
+    return rows, images
+
+
+def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
+    """Stage 07: data -> one LoRA per rank (resumable) -> evaluation -> artifacts under
+    ``<runs_dir>/style_lora/<run_name>/``; returns rows, summary, files and timings."""
+    import time
+
+    from .config import load_catalog, resolve
+    from .synthesis import prepare_models
+
+    base, _ = prepare_models(cfg)
+    run_dir = resolve(cfg["runs_dir"]) / "style_lora" / p["run_name"]
+    ranks = check_ranks(p["ranks"])
+    style_dir = resolve(p["style_dir"]) if p.get("style_dir") else make_demo_style_set(
+        resolve(cfg["base_images"]["variety"]), run_dir / "style_set", n=int(p["n_style_images"]),
+        resolution=int(p["resolution"]), style=p["style_name"])
+    items = read_style_set(style_dir, p.get("caption_template", ""), p["style_name"], int(p["resolution"]))
+    train_items, heldout = split_style_set(items, float(p["holdout"]), int(p["seed"]))
+    trained, timings = [], {}
+    for r in ranks:
+        t = time.perf_counter()
+        res = train_lora(base, train_items, run_dir / f"rank{r}", r, alpha=(p.get("alpha") or None), steps=int(p["steps"]),
+                         lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
+                         checkpoint_every=int(p["checkpoint_every"]), progress=progress)
+        timings[r] = time.perf_counter() - t
+        trained.append({**res, "rank": r, "slug": f"{p['run_name']}_r{r}", "name": f"{p['style_name']} (rank {r})",
+                        "short": f"{p['style_name']} r{r}", "base_model": cfg["models"]["base"]})
+    clip_path = p.get("clip_model") or ""
+    if clip_path == "tiny":
+        from .style_metrics import ensure_tiny_clip
+
+        clip_path = ensure_tiny_clip(resolve(cfg["runs_dir"]) / "models" / "clip-tiny")
+    rows, images = evaluate_sweep(base, {f"rank {t['rank']}": t["lora"] for t in trained}, heldout, list(p["eval_prompts"]),
+                                  [int(s) for s in p["eval_seeds"]], int(p["infer_steps"]), float(p["guidance_scale"]),
+                                  int(p["resolution"]), p["feature_net"], p["lpips_backbone"], clip_path, progress=progress)
+    catalog = register(run_dir / "catalog.yaml", load_catalog(cfg), trained)
+    result = {"rows": rows, "trained": [{k: v for k, v in t.items() if k != "history"} for t in trained],
+              "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": timings,
+              "steps_per_s": {r: int(p["steps"]) / timings[r] for r in ranks}, "catalog": str(catalog),
+              "n_train": len(train_items), "n_heldout": len(heldout), "style_dir": str(style_dir),
+              "feature_net": p["feature_net"], "lpips_backbone": p["lpips_backbone"], "clip_model": clip_path}
+    write_json_atomic({k: v for k, v in result.items()}, run_dir / "sweep.json")
+    result["images"] = images
+    result["style_images"] = [np.asarray(it.image) for it in heldout]
+    return result
+
+
+def sweep_table(rows: list[dict]):
+    """Mean ± sd over seeds per model (base, rank …), like the reference's table."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    metrics = [m for m in ("fid", "kid", "lpips", "clip", "is") if m in df]
+    g = df.groupby("model", sort=False)[metrics]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd"))
+    out["seeds"] = g.size()
+    return out.reset_index()
+
+
+def write_sweep_table(df, stem, notes: str = "") -> dict:
+    from .files import atomic_path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    metrics = [c[:-5] for c in df.columns if c.endswith("_mean")]
+    names = {"fid": "FID ↓", "kid": "KID ↓", "lpips": "LPIPS ↓", "clip": "CLIP score ↑", "is": "IS ↑"}
+    fmt = {"kid": "{:.4f}", "lpips": "{:.4f}"}
+    head = ["model", *[names[m] for m in metrics], "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in df.to_dict("records"):
+        cells = [f"{fmt.get(m, '{:.2f}').format(r[m + '_mean'])} ± {fmt.get(m, '{:.2f}').format(r[m + '_sd'])}" for m in metrics]
+        lines.append("| " + " | ".join([r["model"], *cells, str(r["seeds"])]) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else ""))
+    return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md"))}

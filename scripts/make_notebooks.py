@@ -280,6 +280,71 @@ for r in records:
         ("md", "## Figure 8"),
         ("code", """fig = figure8(rows, figures_dir / "figure8.png")"""),
     ],
+    "07_train_style_lora": [
+        ("md", """# 07 · Train a style LoRA and sweep its rank
+
+When no LoRA of the catalog paints like your image, train one from a folder of style images. LoRA on the UNet's
+attention layers (diffusers + PEFT, as diffusers' own LoRA training example), one run per rank, each resumable from its
+checkpoints; saved in the diffusers/PEFT layout and in the kohya layout, and registered in a catalog that stages
+01–06 can use. Each rank and the base model then generate the same prompts with the same seeds, scored against the
+held-out style images: FID and KID (KID because style sets are small), LPIPS to the style images, CLIP score for the
+prompts, Inception score — mean ± sd over seeds. The `tiny` profile's networks for these metrics are offline
+stand-ins (named in the outputs); its numbers exercise the method."""),
+        ("params", """profile: str = "tiny"  # profile: tiny (CPU, offline stand-ins) | paper (GPU, real models) | path to a YAML
+overrides: dict = {}  # profile entries to replace, e.g. {"models": {"base": "stabilityai/stable-diffusion-2-1"}}
+style_dir: str = ""  # folder of style images + captions.csv/jsonl; empty means a demo set made from the variety photos
+style_name: str = "duotone poster"  # the style's name (captions, catalog)
+caption_template: str = ""  # used when the folder has no captions file, e.g. "{name}, in the style of {style}"
+n_style_images: int = 24  # images in the demo style set
+holdout: float = 0.25  # share of style images held out as the metrics' reference
+ranks: list = [4, 16, 64]  # LoRA ranks to train
+alpha: float = 0  # LoRA alpha; 0 means the rank (scale 1)
+steps: int = 150  # training steps per rank
+lr: float = 0.001  # AdamW learning rate
+batch_size: int = 8  # images per step
+resolution: int = 64  # training and sampling size in pixels
+seed: int = 0  # training seed (LoRA init, data order, noise)
+checkpoint_every: int = 50  # steps between resumable checkpoints
+eval_prompts: list = ["a house by a lake, in the style of duotone poster", "a portrait of a woman, in the style of duotone poster", "a bowl of fruit, in the style of duotone poster", "a city street at night, in the style of duotone poster"]  # prompts for every model
+eval_seeds: list = [0, 1, 2]  # the same seeds for every model (mean and sd)
+infer_steps: int = 10  # sampling steps
+guidance_scale: float = 7.5  # classifier-free guidance when sampling
+feature_net: str = "efficientnet_lite0"  # FID/KID/IS network: inception (standard; download) | efficientnet_lite0 (offline)
+lpips_backbone: str = "random"  # LPIPS AlexNet backbone: imagenet (download) | random (offline)
+clip_model: str = "tiny"  # CLIP for the CLIP score: hub id or folder | tiny (seeded, offline)
+run_name: str = "style_lora"  # folder under runs/<profile>/style_lora/"""),
+        ("code", """from lorafind_utils import load_profile, resolve
+from lorafind_utils.figures import base_vs_finetuned, loss_curves, metrics_vs_rank, rank_grid
+from lorafind_utils.lora_training import run_sweep, sweep_table, write_sweep_table
+
+cfg = load_profile(profile, overrides)
+figures_dir = resolve(cfg["figures_dir"])
+params = dict(style_dir=style_dir, style_name=style_name, caption_template=caption_template, n_style_images=n_style_images,
+              holdout=holdout, ranks=ranks, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, resolution=resolution,
+              seed=seed, checkpoint_every=checkpoint_every, eval_prompts=eval_prompts, eval_seeds=eval_seeds,
+              infer_steps=infer_steps, guidance_scale=guidance_scale, feature_net=feature_net,
+              lpips_backbone=lpips_backbone, clip_model=clip_model, run_name=run_name)
+res = run_sweep(cfg, params)
+print(f"{res['n_train']} training / {res['n_heldout']} held-out style images from {res['style_dir']}")
+for r, sps in res["steps_per_s"].items():
+    h = res["histories"][r]
+    first, last = sum(x["loss"] for x in h[:20]) / 20, sum(x["loss"] for x in h[-20:]) / 20
+    print(f"rank {r}: {sps:.2f} steps/s; loss {first:.3f} (first 20 steps) -> {last:.3f} (last 20)")
+print("catalog with the trained LoRAs:", res["catalog"])"""),
+        ("md", "## Rank sweep table (mean ± sd over seeds)"),
+        ("code", """table = sweep_table(res["rows"])
+notes = (f"FID/KID/IS network: {res['feature_net']}; LPIPS AlexNet backbone: {res['lpips_backbone']}; "
+         f"CLIP: {res['clip_model']}. {res['n_heldout']} held-out style images as the reference; "
+         f"{len(eval_prompts)} prompts x {len(eval_seeds)} seeds per model.")
+print(write_sweep_table(table, figures_dir / "style_lora_ranks", notes))
+table.round(4)"""),
+        ("md", "## Figures: loss, prompts × ranks, base vs fine-tuned, metrics by rank"),
+        ("code", """fig = loss_curves(res["histories"], figures_dir / "style_lora_loss.png")"""),
+        ("code", """fig = rank_grid(res["images"], eval_prompts, eval_seeds[0], figures_dir / "style_lora_grid.png")"""),
+        ("code", """fig = base_vs_finetuned(res["images"], eval_prompts, eval_seeds[0], f"rank {ranks[-1]}", res["style_images"],
+                        figures_dir / "style_lora_base_vs_ft.png")"""),
+        ("code", """fig = metrics_vs_rank(res["rows"], figures_dir / "style_lora_metrics.png")"""),
+    ],
     "rank_my_image": [
         ("md", """# Which LoRA paints like my image?
 

@@ -38,10 +38,13 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
                      "03_ablate_sizes": {"sizes": [1], "seeds": [0, 1], "epochs": 1},
                      "04_domain_vs_variety": {"n": 1, "seeds": [0], "epochs": 1},
                      "05_retrieve_thumbnails": {"prompts": ["a red house"], "images_per_lora": 1},
-                     "06_generate": {"queries": [0, 5]}}}
+                     "06_generate": {"queries": [0, 5]},
+                     "07_train_style_lora": {"ranks": [2], "steps": 4, "n_style_images": 8, "batch_size": 2,
+                                             "checkpoint_every": 2, "eval_seeds": [0, 1],
+                                             "eval_prompts": ["a red house, in the style of duotone poster", "a cat"]}}}
     recs = run_study("tiny", overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
     assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune", "03_ablate_sizes", "04_domain_vs_variety",
-                                          "05_retrieve_thumbnails", "06_generate"]
+                                          "05_retrieve_thumbnails", "06_generate", "07_train_style_lora"]
     assert all(r["status"] == "ok" for r in recs)
     fig = tmp_path / "fig"
     # stage 02 artifacts: checkpoint + label map, history, metrics with both baselines, split by base image
@@ -57,7 +60,8 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert len((tr / "history.csv").read_text().splitlines()) == 1 + metrics["finetuned"]["epochs_run"]
     for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md", "ablation_sizes.png",
               "domain_vs_variety.png", "table2.csv", "table2.md", "table2.png", "table3.csv", "table3.md", "table3.png",
-              "retrieval_examples.png", "figure8.png"):
+              "retrieval_examples.png", "figure8.png", "style_lora_ranks.csv", "style_lora_ranks.md", "style_lora_loss.png",
+              "style_lora_grid.png", "style_lora_base_vs_ft.png", "style_lora_metrics.png"):
         assert (fig / f).exists(), f
     # stages 03-04: every run validated on stage 02's validation set; the faces run trained on faces
     import pandas as pd
@@ -89,6 +93,11 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert [r["query"] for r in f8["records"]] == ["Image1", "Image6"]
     assert all(len(r["generations"]) == 2 and all(0 < g["style_similarity"] <= 1 + 1e-6 for g in r["generations"])
                for r in f8["records"])
+    # stage 07: one LoRA per rank in both layouts, each model scored per seed
+    sweep = json.loads((runs / "style_lora" / "style_lora" / "sweep.json").read_text())
+    assert [r["model"] for r in sweep["rows"]] == ["base", "base", "rank 2", "rank 2"]
+    assert all({"fid", "kid", "lpips", "clip", "is"} <= set(r) for r in sweep["rows"])
+    assert (runs / "style_lora" / "style_lora" / "rank2" / "lora_kohya.safetensors").exists()
     nb = nbformat.read(tmp_path / "pm" / "01_synthesize.ipynb", as_version=4)
     assert nb.metadata["papermill"]["parameters"]["max_images"] == 3
     man = json.loads((runs / "synth" / "manifest.json").read_text())

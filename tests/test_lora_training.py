@@ -1,0 +1,184 @@
+"""Stage 07: style-LoRA training (data checks, both layouts round trip, resume) and metric sanity cases."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorafind_utils import resolve
+from lorafind_utils.lora_training import (
+    StyleDataError, check_ranks, make_demo_style_set, read_style_set, register, split_style_set, train_lora,
+)
+
+
+@pytest.fixture(scope="module")
+def style_set(tmp_path_factory):
+    d = make_demo_style_set(resolve("data/images/variety"), tmp_path_factory.mktemp("style") / "set", n=8, resolution=32)
+    return read_style_set(d, resolution=32)
+
+
+def test_style_set_problems_are_reported_before_training(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 10, 10)).save(d / f"img{i}.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (d / "captions.csv").write_text("file,caption\nimg0.png,a\nimg1.png,b\nimg2.png,c\nbroken.png,d\nghost.png,e\n")
+    with pytest.raises(StyleDataError) as e:
+        read_style_set(d)
+    assert "captions name missing images: ghost.png" in str(e.value) and "broken.png: not a readable image" in str(e.value)
+    (d / "broken.png").unlink()
+    (d / "captions.csv").write_text("file,caption\nimg0.png,a\nimg1.png,b\nimg2.png,c\n")
+    with pytest.raises(StyleDataError, match="3 usable images, at least 4"):
+        read_style_set(d)
+    items = read_style_set(d, min_images=3)
+    with pytest.raises(StyleDataError, match="too few to hold out"):
+        split_style_set(items, 0.25)
+    (d / "captions.csv").unlink()
+    with pytest.raises(StyleDataError, match="no captions.csv"):
+        read_style_set(d, min_images=3)
+    assert read_style_set(d, "{name}, in the style of {style}", "ink", min_images=3)[0].caption == "img0, in the style of ink"
+    for bad in (0, -4, 2.5, "8", True):
+        with pytest.raises(ValueError, match="not a positive integer"):
+            check_ranks([4, bad])
+    assert check_ranks([4, 128]) == [4, 128]
+
+
+def _pipe(cfg):
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(cfg["models"]["base"], safety_checker=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _gen(pipe):
+    return pipe(prompt=["a house, in the style of duotone poster"], num_inference_steps=3, guidance_scale=1.0,
+                height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(tiny_cfg, catalog, style_set, tmp_path):
+    from lorafind_utils.loras import inspect_lora, load_lora
+
+    train, _ = split_style_set(style_set, 0.25, 0)
+    res = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "r4", rank=4, steps=40, lr=2e-3, batch_size=4,
+                     checkpoint_every=20, progress=False)
+    losses = [h["loss"] for h in res["history"]]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert inspect_lora(res["kohya"]).layout == "kohya" and inspect_lora(res["kohya"]).rank == 4
+    pipe = _pipe(tiny_cfg)
+    base = _gen(pipe)
+    pipe.load_lora_weights(res["lora"], adapter_name="peft")
+    with_peft = _gen(pipe)
+    pipe.unload_lora_weights()
+    load_lora(pipe, res["kohya"], "kohya")
+    with_kohya = _gen(pipe)
+    pipe.unload_lora_weights()
+    assert np.abs(with_peft - base).mean() > 1e-3  # the LoRA changes the output
+    np.testing.assert_allclose(with_kohya, with_peft, atol=1e-5)  # the two layouts are the same LoRA
+    cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}])
+    from lorafind_utils.config import load_catalog
+
+    cat = load_catalog({**tiny_cfg, "catalog": str(cat_path)})
+    assert cat[-1]["slug"] == "duo_r4" and cat[-1]["path"] == res["kohya"] and len(cat) == len(catalog) + 1
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, style_set, tmp_path):
+    from safetensors.torch import load_file
+
+    train, _ = split_style_set(style_set, 0.25, 0)
+    kw = dict(rank=2, steps=6, lr=1e-3, batch_size=2, checkpoint_every=3, progress=False, seed=4)
+    full = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "full", **kw)
+    part = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "resumed", stop_after=3, **kw)
+    assert part["stopped_at"] == 3 and not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
+    resumed = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "resumed", **kw)
+    assert resumed["history"] == full["history"]
+    a, b = load_file(full["lora"]), load_file(resumed["lora"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        train_lora(tiny_cfg["models"]["base"], train, tmp_path / "resumed", **{**kw, "rank": 8})
+
+
+# --- metrics on cases with known answers (small injected networks, as offline tests must) -----
+
+
+class TinyFeatures(torch.nn.Module):
+    """Per-channel mean and sd of the image: a small feature network for torchmetrics' hook."""
+
+    num_features = 6
+
+    def forward(self, x):
+        x = x.double() / 255.0
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+class TinyLogits(torch.nn.Module):
+    num_features = 3
+
+    def __init__(self, fixed=None):
+        super().__init__()
+        self.fixed = fixed
+
+    def forward(self, x):
+        x = x.double() / 255.0
+        if self.fixed is not None:
+            return torch.tensor(self.fixed, dtype=torch.float64).repeat(len(x), 1)
+        return 20 * x.mean((2, 3))
+
+
+def _imgs(n, seed, shift=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 200, (n, 3, 16, 16), generator=g)
+    return (x + shift).clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_a_shift():
+    from lorafind_utils.style_metrics import fid_kid
+
+    a = _imgs(12, 0)
+    same = fid_kid(a, a, TinyFeatures(), subset_size=6)
+    assert abs(same["fid"]) < 1e-6 and abs(same["kid"]) < 0.05 * fid_kid(a, _imgs(12, 0, 40), TinyFeatures(), 6)["kid"]
+    small, big = fid_kid(a, _imgs(12, 0, 20), TinyFeatures(), 6), fid_kid(a, _imgs(12, 0, 60), TinyFeatures(), 6)
+    assert 0 < small["fid"] < big["fid"] and 0 < small["kid"] < big["kid"]
+    # a pure mean shift of d/255 in every channel: FID's mean term is 3 (d/255)^2 (covariances unchanged,
+    # except where clamping at 255 cuts the shift)
+    d = 10
+    shifted = fid_kid(a, (a.int() + d).to(torch.uint8), TinyFeatures(), 6)["fid"]
+    assert shifted == pytest.approx(3 * (d / 255) ** 2, rel=1e-3)
+
+
+def test_inception_score_known_cases():
+    from lorafind_utils.style_metrics import inception_score
+
+    # every image gets the same prediction: p(y|x) = p(y), KL = 0, IS = 1
+    assert inception_score(_imgs(8, 1), TinyLogits(fixed=[1.0, 2.0, 3.0]))["is"] == pytest.approx(1.0)
+    # confident, evenly spread predictions over 3 classes: IS = 3
+    x = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    for i in range(6):
+        x[i, i % 3] = 255
+    assert inception_score(x, TinyLogits())["is"] == pytest.approx(3.0, rel=1e-3)
+
+
+def test_lpips_is_zero_for_identical_images_and_grows_with_distortion():
+    from lorafind_utils.style_metrics import lpips_model, lpips_to_set
+
+    m = lpips_model("random")
+    a = _imgs(1, 2).repeat(1, 1, 4, 4)  # 64 px: LPIPS' AlexNet needs some size
+    assert lpips_to_set(a, a, m) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < lpips_to_set((a.int() + 30).clamp(0, 255).to(torch.uint8), a, m) < lpips_to_set(_imgs(1, 9).repeat(1, 1, 4, 4), a, m)
+
+
+def test_clip_score_formula_against_hand_computed_embeddings():
+    from lorafind_utils.style_metrics import clip_score
+
+    class FakeClip:
+        def get_image_features(self, pixel_values):
+            return torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+
+        def get_text_features(self, input_ids, attention_mask=None):
+            return torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+
+    def proc(text, images, **kw):
+        return {"pixel_values": torch.zeros(len(images), 3, 2, 2), "input_ids": torch.zeros(len(text), 3, dtype=torch.long)}
+
+    # cos = 1 and cos = -1/sqrt(2) (clamped to 0): mean of 100 and 0
+    assert clip_score(_imgs(2, 3), ["a", "b"], FakeClip(), proc) == pytest.approx(50.0)
