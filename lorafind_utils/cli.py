@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download the profile's models, LoRAs (Civitai; token from CIVITAI_TOKEN) and weights")
     _profile_arg(p)
-    p.add_argument("--only", action="append", choices=["models", "loras", "resnet50"],
+    p.add_argument("--only", action="append", choices=["models", "loras", "resnet50", "thumbnails"],
                    help="fetch only this (repeatable); default: what the profile needs")
     p.set_defaults(func=cmd_fetch)
 

@@ -1,4 +1,5 @@
-"""Downloads for the paper profile: the 12 Civitai LoRAs, the SD1.5 + ControlNet models, ResNet50 weights.
+"""Downloads for the paper profile: the 12 Civitai LoRAs, the SD1.5 + ControlNet models, ResNet50 weights,
+and the LoRAs' Civitai preview images (the stage-05 query "thumbnails").
 
 ``lorafind fetch --profile paper`` goes through :func:`fetch`. What a download guarantees:
 
@@ -17,6 +18,9 @@
 
 LoRAs without a hash in the catalog get one recorded on first download in
 ``<lora_dir>/hashes.json`` (``{slug: sha256}``); later runs verify against it.
+
+Thumbnails (:func:`fetch_thumbnails`) go to ``<runs_dir>/thumbnails/<slug>/NN.<ext>`` with a
+``manifest.json`` that :func:`lorafind_utils.retrieval.read_queries` reads.
 """
 from __future__ import annotations
 
@@ -41,11 +45,23 @@ from .files import write_json_atomic
 from .records import SECRET_KEY, scrub
 
 #: what ``fetch`` can download, in the order it does it.
-FETCH_ITEMS = ("models", "loras", "resnet50")
+FETCH_ITEMS = ("models", "loras", "resnet50", "thumbnails")
 #: the environment variable holding a Civitai API key.
 TOKEN_ENV = "CIVITAI_TOKEN"
 #: the lock file (in ``lora_dir``) of hashes recorded on first download.
 HASHES_FILE = "hashes.json"
+#: Civitai's public REST API (``GET {api}/model-versions/{id}`` lists a version's preview images).
+CIVITAI_API = "https://civitai.com/api/v1"
+#: the folder (in ``runs_dir``) of the Civitai preview images, one sub-folder per LoRA slug.
+THUMBNAILS_DIR = "thumbnails"
+#: the file (in :data:`THUMBNAILS_DIR`) describing each preview image (read by ``read_queries``).
+THUMBNAILS_MANIFEST = "manifest.json"
+#: preview images downloaded per LoRA by default.
+THUMBNAILS_PER_LORA = 6
+#: URL suffixes of Civitai previews that are videos, not images (skipped).
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".m4v")
+#: suffixes kept as they are for a preview image's file; anything else is saved as ``.jpg``.
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 #: the folder (beside a download) that files failing verification are moved to.
 QUARANTINE_DIR = "quarantine"
 #: Stable Diffusion 1.5 files the ControlNet img2img pipeline loads (fp32 safetensors only; no
@@ -508,14 +524,22 @@ def fetch_resnet50_weights(progress: bool = True) -> dict:
 
 def needed_items(cfg: dict) -> list[str]:
     """What a profile needs downloaded: ``models`` for Hub ids, ``loras`` when its catalog has URLs,
-    ``resnet50`` when stage 02's backbone is ResNet50 (the tiny profile needs nothing)."""
+    ``resnet50`` when stage 02's backbone is ResNet50, ``thumbnails`` (the stage-05 queries) when the
+    models are Hub ids, the catalog has Civitai version ids and stage 05 neither makes its queries nor
+    reads them from a ``queries_dir`` of its own (the tiny profile needs nothing)."""
     items = []
-    if cfg["models"].get("kind") == "hub":
+    hub = cfg["models"].get("kind") == "hub"
+    if hub:
         items.append("models")
-    if any(e.get("url") for e in load_catalog(cfg)):
+    catalog = load_catalog(cfg)
+    if any(e.get("url") for e in catalog):
         items.append("loras")
     if stage_params(cfg, "02_finetune").get("backbone", "resnet50") == "resnet50":
         items.append("resnet50")
+    retrieve = stage_params(cfg, "05_retrieve_thumbnails")
+    if (hub and any(e.get("civitai_version_id") for e in catalog) and not retrieve.get("make_queries")
+            and not retrieve.get("queries_dir")):
+        items.append("thumbnails")
     return items
 
 
@@ -523,8 +547,8 @@ def fetch(cfg: dict, what: Iterable[str] | None = None, progress: bool = True) -
     """Fetch what the profile needs, printing one summary line per file or model.
 
     :param cfg: a profile (``load_profile``).
-    :param what: any of ``models``, ``loras``, ``resnet50`` (done in that order); default
-        :func:`needed_items` (for the paper profile: all three).
+    :param what: any of ``models``, ``loras``, ``resnet50``, ``thumbnails`` (done in that order);
+        default :func:`needed_items` (for the paper profile: all four).
     :param progress: show progress bars.
     :return: {item: list of result dicts} for the items done.
     :raises FetchError: an unknown item, or the first item that fails (earlier ones stay done).
@@ -549,7 +573,175 @@ def fetch(cfg: dict, what: Iterable[str] | None = None, progress: bool = True) -
             for r in done[item]:
                 print(f"lora {r['slug']}: {r['status']} {r['path']} ({r['bytes'] / 2**20:.1f} MiB, "
                       f"sha256 {r['sha256'][:12]})")
-        else:
+        elif item == "resnet50":
             done[item] = [fetch_resnet50_weights(progress=progress)]
             print(f"resnet50 ImageNet weights: {done[item][0]['status']} {done[item][0]['path']}")
+        else:
+            done[item] = fetch_thumbnails(cfg, progress=progress)
+            for t in done[item]:
+                print(f"thumbnails {t['slug']}: {t['status']} ({len(t['files'])} of {t['images']} preview "
+                      f"images of Civitai version {t['civitai_version_id']})")
     return done
+
+
+def _get_json(session: requests.Session, url: str, label: str, token: str | None, timeout: float = 30,
+              retries: int = 3, backoff: float | None = None):
+    """``GET url`` as JSON (token in the ``Authorization`` header only), retrying transient failures.
+
+    :raises FetchError: HTTP errors (404: the model version does not exist), an answer that is not JSON,
+        retries exhausted. No message contains the token.
+    """
+    backoff = RETRY_BACKOFF if backoff is None else backoff
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    failures = 0
+    while True:
+        try:
+            r = session.get(url, headers=headers, timeout=timeout, allow_redirects=True)
+            if r.status_code in RETRY_STATUSES:
+                raise _Retryable(f"HTTP {r.status_code}")
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                _Retryable) as e:
+            failures += 1
+            if failures > retries:
+                reason = _redact(f"{type(e).__name__}: {e}", token)
+                raise FetchError(_redact(f"{label}: request to {display_url(url)} failed after {retries} "
+                                         f"retries ({reason})", token)) from None
+            time.sleep(backoff * 2 ** (failures - 1))
+            continue
+        if r.status_code >= 400:
+            raise _http_error(r.status_code, url, label, token)
+        try:
+            return json.loads(r.content)
+        except ValueError as e:
+            raise FetchError(_redact(f"{label}: {display_url(url)} did not answer with valid JSON "
+                                     f"({type(e).__name__}: {e})", token)) from None
+
+
+def _is_video(item: dict) -> bool:
+    """A Civitai preview that is a video (``type: video`` or a video file suffix)."""
+    path = urlsplit(str(item.get("url", ""))).path.lower()
+    return str(item.get("type", "image")).lower() == "video" or path.endswith(VIDEO_SUFFIXES)
+
+
+def _image_ext(url: str) -> str:
+    """The file suffix of a preview image, from its URL's path (``.jpg`` when it has none or an odd one)."""
+    ext = Path(urlsplit(url).path).suffix.lower()
+    return ext if ext in _IMAGE_EXTS else ".jpg"
+
+
+def _load_thumbnail_manifest(path: Path) -> dict:
+    """An earlier run's thumbnail manifest ({} when absent)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FetchError(f"{path}: not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("queries", []), list):
+        raise FetchError(f"{path}: expected a JSON object with a 'queries' list; fix or delete it")
+    return data
+
+
+def fetch_thumbnails(cfg: dict, per_lora: int = THUMBNAILS_PER_LORA, token: str | None = None,
+                     progress: bool = True, api_base: str = CIVITAI_API) -> list[dict]:
+    """Download the Civitai preview images of every catalog LoRA: the paper's stage-05 queries.
+
+    For each catalog entry with a ``civitai_version_id``, ``GET {api_base}/model-versions/{id}`` lists
+    the version's previews; videos are skipped and the first ``per_lora`` images are downloaded (with
+    :func:`download`) to ``<runs_dir>/thumbnails/<slug>/<NN>.<ext>``. ``<runs_dir>/thumbnails/manifest.json``
+    records each file (``{"queries": [{"file", "lora", "how", "url"}, ...]}``, what
+    :func:`~lorafind_utils.retrieval.read_queries` reads) and, under ``versions``, how many images each
+    version had, so a later run with everything in place makes no request at all. A failed LoRA does not
+    stop the others: all are tried, the manifest is written, then one FetchError lists the failures.
+
+    :param cfg: a profile (``load_profile``).
+    :param per_lora: preview images per LoRA (at most; a version may have fewer).
+    :param token: Civitai API key, sent in the ``Authorization`` header only (and to image URLs only
+        when they are on the API's host); default ``$CIVITAI_TOKEN``.
+    :param progress: show progress bars.
+    :param api_base: Civitai's API root.
+    :return: one dict per LoRA: slug, civitai_version_id, status (downloaded | present | no images),
+        files (paths), images (how many images the version has).
+    :raises FetchError: an unknown model version (HTTP 404), an answer that is not JSON, other HTTP
+        errors, a catalog without Civitai version ids. No message contains the token.
+    """
+    if per_lora < 1:
+        raise FetchError(f"per_lora must be at least 1, not {per_lora}")
+    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    entries = [e for e in load_catalog(cfg) if e.get("civitai_version_id")]
+    if not entries:
+        raise FetchError(f"{cfg['catalog']}: no LoRA has a civitai_version_id; no Civitai preview images to fetch "
+                         f"for profile '{cfg.get('name', '?')}'")
+    folder = resolve(cfg["runs_dir"]) / THUMBNAILS_DIR
+    manifest_path = folder / THUMBNAILS_MANIFEST
+    old = _load_thumbnail_manifest(manifest_path)
+    old_versions = old.get("versions", {}) if isinstance(old.get("versions"), dict) else {}
+    queries, versions, results, errors = [], {}, [], []
+    with requests.Session() as session:
+        for e in entries:
+            slug = e["slug"]
+            prev_q = [q for q in old.get("queries", []) if isinstance(q, dict) and q.get("lora") == slug]
+            try:
+                res, qs = _fetch_lora_thumbnails(e, folder, per_lora, token, progress, api_base, session,
+                                                 old_versions.get(slug), prev_q)
+            except DiskFullError:
+                raise
+            except FetchError as err:
+                errors.append(str(err))
+                queries.extend(prev_q)  # keep what an earlier run recorded
+                if slug in old_versions:
+                    versions[slug] = old_versions[slug]
+                continue
+            results.append(res)
+            queries.extend(qs)
+            versions[slug] = {"civitai_version_id": e["civitai_version_id"], "images": res["images"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"queries": queries, "versions": versions}
+    if manifest != old:
+        write_json_atomic(manifest, manifest_path)
+    if errors:
+        ok = [r["slug"] for r in results]
+        raise FetchError(f"{len(errors)} of {len(entries)} LoRAs' preview images failed"
+                         + (f" ({len(ok)} fine: {', '.join(ok)})" if ok else "") + ":\n  " + "\n  ".join(errors))
+    return results
+
+
+def _fetch_lora_thumbnails(e: dict, folder: Path, per_lora: int, token: str | None, progress: bool, api_base: str,
+                           session: requests.Session, prev: dict | None, prev_q: list[dict]) -> tuple[dict, list[dict]]:
+    """The preview images of one catalog entry (see :func:`fetch_thumbnails`): (result, manifest queries)."""
+    slug, vid = e["slug"], e["civitai_version_id"]
+    label = f"{slug} (Civitai version {vid})"
+    how = f"Civitai preview image of model version {vid}"
+    # Everything an earlier run recorded for this version is in place: no request at all.
+    if prev and str(prev.get("civitai_version_id")) == str(vid) and isinstance(prev.get("images"), int):
+        n = min(per_lora, prev["images"])
+        have = prev_q[:n]
+        if len(have) == n and all((folder / str(q.get("file", ""))).is_file() for q in have):
+            status = "present" if n else "no images"
+            return ({"slug": slug, "civitai_version_id": vid, "status": status,
+                     "files": [str(folder / q["file"]) for q in have], "images": prev["images"]}, have)
+    url = f"{api_base.rstrip('/')}/model-versions/{vid}"
+    data = _get_json(session, url, label, token)
+    if not isinstance(data, dict):
+        raise FetchError(f"{label}: {display_url(url)} answered {type(data).__name__}, not a JSON object")
+    items = data.get("images") or []
+    if not isinstance(items, list):
+        raise FetchError(f"{label}: {display_url(url)} answered an 'images' that is not a list")
+    images = [i for i in items if isinstance(i, dict) and i.get("url") and not _is_video(i)]
+    api_host = urlsplit(api_base).netloc
+    files, queries, downloaded = [], [], False
+    for index, item in enumerate(images[:per_lora]):
+        img_url = str(item["url"])
+        name = f"{index:02d}{_image_ext(img_url)}"
+        send = token if urlsplit(img_url).netloc == api_host else None
+        res = download(img_url, folder / slug / name, token=send, progress=progress,
+                       label=f"{label} preview image {index}", session=session)
+        downloaded = downloaded or not res.skipped
+        files.append(str(res.path))
+        queries.append({"file": f"{slug}/{name}", "lora": slug, "how": how,
+                        "url": _redact(display_url(img_url), token)})
+    status = "no images" if not images else ("downloaded" if downloaded else "present")
+    return {"slug": slug, "civitai_version_id": vid, "status": status, "files": files, "images": len(images)}, queries

@@ -15,7 +15,7 @@ from lorafind_utils import fetch as fetch_mod
 from lorafind_utils.config import load_profile
 from lorafind_utils.fetch import (BASE_MODEL_PATTERNS, CONTROLNET_PATTERNS, DiskFullError, FetchError,
                                   HashMismatchError, download, fetch, fetch_loras, fetch_models, fetch_resnet50_weights,
-                                  needed_items)
+                                  fetch_thumbnails, needed_items)
 from lorafind_utils.loras import inspect_lora
 
 TOKEN = "good-token"
@@ -41,6 +41,27 @@ def _pickle_bytes() -> bytes:
 
 
 FILES = {"a": _lora_bytes(1), "b": _lora_bytes(2), "evil": _pickle_bytes()}
+#: Civitai preview files served under /img/<name>.
+PREVIEWS = {"p0.jpeg": b"\xff\xd8 preview zero", "p1.png": b"\x89PNG preview one", "p2": b"\xff\xd8 preview two",
+            "clip.mp4": b"video", "loop.webm": b"video too"}
+QUERY_SECRET = "q-secret-value"
+
+
+def _model_version(vid: str, port: int):
+    """The JSON body of ``/api/v1/model-versions/<vid>`` (None: 404; bytes: sent as they are)."""
+    img = f"http://127.0.0.1:{port}/img"
+    if vid == "501":  # 3 images, a video (typed) and a webm (untyped) in between
+        return {"id": 501, "images": [
+            {"url": f"{img}/p0.jpeg", "type": "image", "nsfwLevel": 1, "width": 512, "height": 768},
+            {"url": f"{img}/clip.mp4", "type": "video", "nsfwLevel": 1, "width": 512, "height": 512},
+            {"url": f"{img}/p1.png?token={QUERY_SECRET}", "type": "image", "nsfwLevel": 1, "width": 512, "height": 512},
+            {"url": f"{img}/loop.webm", "nsfwLevel": 1},
+            {"url": f"{img}/p2", "type": "image", "nsfwLevel": 2, "width": 640, "height": 480}]}
+    if vid == "502":  # only a video: no images
+        return {"id": 502, "images": [{"url": f"{img}/clip.mp4", "type": "video"}]}
+    if vid == "777":
+        return b"<html>not json"
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -59,6 +80,13 @@ class _Handler(BaseHTTPRequestHandler):
                                 "range": self.headers.get("Range")})
         parts = self.path.split("?")[0].strip("/").split("/")
         route, name = parts[0], (parts[1] if len(parts) > 1 else "")
+        if parts[:3] == ["api", "v1", "model-versions"] and len(parts) == 4:
+            body = _model_version(parts[3], self.server.server_port)
+            if body is None:
+                return self._status(404)
+            return self._serve(body if isinstance(body, bytes) else json.dumps(body).encode())
+        if route == "img" and name in PREVIEWS:
+            return self._serve(PREVIEWS[name])
         if name not in FILES:
             return self._status(404)
         if route == "file":
@@ -387,7 +415,9 @@ def test_fetch_loras_quarantines_a_pickle(base, tmp_path):
 
 
 def test_fetch_does_what_the_profile_needs(tiny_cfg, capsys):
-    assert needed_items(load_profile("paper")) == ["models", "loras", "resnet50"]
+    assert needed_items(load_profile("paper")) == ["models", "loras", "resnet50", "thumbnails"]
+    own_queries = {"stages": {"05_retrieve_thumbnails": {"queries_dir": "/somewhere"}}}
+    assert needed_items(load_profile("paper", own_queries)) == ["models", "loras", "resnet50"]
     assert needed_items(tiny_cfg) == []
     assert fetch(tiny_cfg, progress=False) == {}
     assert "profile 'tiny': nothing to download" in capsys.readouterr().out
@@ -452,3 +482,99 @@ def test_resnet50_weights_failure_is_a_fetch_error(monkeypatch, tmp_path):
     (tmp_path / "checkpoints" / "resnet50-11ad3fa6.pth").write_bytes(b"cached")
     assert fetch_resnet50_weights(progress=False) == {"path": str(tmp_path / "checkpoints" / "resnet50-11ad3fa6.pth"),
                                                       "status": "present"}
+
+
+def _thumb_cfg(tmp_path, entries):
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump({"base_model": "SD 1.5", "loras": [
+        {"slug": slug, "name": slug.title(), "civitai_version_id": vid, "url": None, "sha256": None}
+        for slug, vid in entries]}))
+    return load_profile("paper", {"catalog": str(cat), "lora_dir": str(tmp_path / "loras"),
+                                  "runs_dir": str(tmp_path / "runs")})
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fetch_thumbnails_downloads_images_writes_manifest_and_skips_on_rerun(base, server, tmp_path, monkeypatch):
+    from lorafind_utils.config import load_catalog
+    from lorafind_utils.retrieval import read_queries
+
+    monkeypatch.setenv("CIVITAI_TOKEN", SECRET)
+    api = f"{base}/api/v1"
+    cfg = _thumb_cfg(tmp_path, [("anime", 501), ("disco", 502), ("plain", None)])
+    folder = tmp_path / "runs" / "thumbnails"
+    res = fetch_thumbnails(cfg, per_lora=2, progress=False, api_base=api)
+    assert [(r["slug"], r["civitai_version_id"], r["status"], r["images"]) for r in res] == [
+        ("anime", 501, "downloaded", 3), ("disco", 502, "no images", 0)]  # "plain" has no version id
+    assert res[0]["files"] == [str(folder / "anime" / "00.jpeg"), str(folder / "anime" / "01.png")]
+    assert (folder / "anime" / "00.jpeg").read_bytes() == PREVIEWS["p0.jpeg"]
+    assert (folder / "anime" / "01.png").read_bytes() == PREVIEWS["p1.png"]
+    assert sorted(p.name for p in (folder / "anime").iterdir()) == ["00.jpeg", "01.png"]
+    assert not (folder / "disco").exists()
+    paths = [r["path"] for r in server.log]
+    assert paths == ["/api/v1/model-versions/501", "/img/p0.jpeg", f"/img/p1.png?token={QUERY_SECRET}",
+                     "/api/v1/model-versions/502"]  # no video requested
+    assert server.log[0]["authorization"] == f"Bearer {SECRET}"  # the token: a header, never in a URL
+    assert all(SECRET not in p for p in paths)
+    how = "Civitai preview image of model version 501"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["queries"] == [
+        {"file": "anime/00.jpeg", "lora": "anime", "how": how, "url": f"{base}/img/p0.jpeg"},
+        {"file": "anime/01.png", "lora": "anime", "how": how, "url": f"{base}/img/p1.png?token=<redacted>"}]
+    queries = read_queries(folder, load_catalog(cfg))
+    assert [(q.id, q.lora, q.how, q.path) for q in queries] == [
+        ("anime/00", "anime", how, folder / "anime" / "00.jpeg"),
+        ("anime/01", "anime", how, folder / "anime" / "01.png")]
+    files = _tree(tmp_path / "runs")
+    assert not any(SECRET.encode() in b or QUERY_SECRET.encode() in b for b in files.values())
+    # a second run: everything is in place, not a single request
+    server.log.clear()
+    again = fetch_thumbnails(cfg, per_lora=2, progress=False, api_base=api)
+    assert server.log == [] and [r["status"] for r in again] == ["present", "no images"]
+    assert again[0]["files"] == res[0]["files"] and _tree(tmp_path / "runs") == files
+    # more per LoRA: the API is asked again, only the new image is downloaded (no suffix in its URL: .jpg)
+    more = fetch_thumbnails(cfg, per_lora=5, progress=False, api_base=api)
+    assert [r["path"] for r in server.log] == ["/api/v1/model-versions/501", "/img/p2"]
+    assert [r["status"] for r in more] == ["downloaded", "no images"]
+    assert (folder / "anime" / "02.jpg").read_bytes() == PREVIEWS["p2"]
+    assert [q["file"] for q in json.loads((folder / "manifest.json").read_text())["queries"]] == [
+        "anime/00.jpeg", "anime/01.png", "anime/02.jpg"]
+    server.log.clear()
+    fetch_thumbnails(cfg, per_lora=5, progress=False, api_base=api)
+    assert server.log == []
+
+
+def test_fetch_thumbnails_errors_name_the_lora_and_never_show_the_token(base, server, tmp_path, monkeypatch, capsys):
+    api = f"{base}/api/v1"
+    cfg = _thumb_cfg(tmp_path, [("gone", 404404), ("anime", 501), ("broken", 777)])
+    with pytest.raises(FetchError) as exc:
+        fetch_thumbnails(cfg, per_lora=1, token=SECRET, progress=False, api_base=api)
+    msg = str(exc.value)
+    assert "2 of 3 LoRAs' preview images failed (1 fine: anime)" in msg
+    assert "gone (Civitai version 404404)" in msg and "HTTP 404" in msg
+    assert "broken (Civitai version 777)" in msg and "valid JSON" in msg
+    assert SECRET not in msg and SECRET not in repr(exc.value.args) and exc.value.__context__ is None
+    folder = tmp_path / "runs" / "thumbnails"
+    # the LoRA that worked is in place and in the manifest
+    assert (folder / "anime" / "00.jpeg").read_bytes() == PREVIEWS["p0.jpeg"]
+    assert [q["file"] for q in json.loads((folder / "manifest.json").read_text())["queries"]] == ["anime/00.jpeg"]
+    assert not any(SECRET.encode() in b for b in _tree(tmp_path / "runs").values())
+    assert SECRET not in capsys.readouterr().out
+    with pytest.raises(FetchError, match="no LoRA has a civitai_version_id"):
+        fetch_thumbnails(_thumb_cfg(tmp_path, [("plain", None)]), progress=False, api_base=api)
+
+
+def test_fetch_dispatches_thumbnails(base, tmp_path, monkeypatch, capsys):
+    cfg = _thumb_cfg(tmp_path, [("anime", 501)])
+    calls = []
+
+    def spy(cfg, **kw):
+        calls.append(kw)
+        return fetch_thumbnails(cfg, api_base=f"{base}/api/v1", per_lora=1, **kw)
+
+    monkeypatch.setattr(fetch_mod, "fetch_thumbnails", spy)
+    out = fetch(cfg, what=["thumbnails"], progress=False)
+    assert calls == [{"progress": False}] and [r["status"] for r in out["thumbnails"]] == ["downloaded"]
+    assert "thumbnails anime: downloaded (1 of 3 preview images of Civitai version 501)" in capsys.readouterr().out
