@@ -39,9 +39,14 @@ def run_name(train_set: str, n: int, seed: int) -> str:
 def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None = None,
                    patience: int | None = None) -> dict:
     """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint)."""
+    import hashlib
+
     p = dict(stage_params(cfg, "02_finetune"))
+    manifest = resolve(cfg["runs_dir"]) / "synth" / "manifest.json"
+    # the images a run learned from: a rerun of stage 01 (or another catalog) invalidates finished runs
+    synth_sig = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
     p.update(train_set=train_set, n_train=int(n), seed=int(seed), subset_seed=int(seed), run_name=run_name(train_set, n, seed),
-             linear_probe=False, save_model=False)
+             linear_probe=False, save_model=False, synth_manifest=synth_sig)
     if epochs is not None:
         p["epochs"] = int(epochs)
     if patience is not None:
@@ -84,7 +89,7 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
         if m is None:
             m = run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
         split = json.loads((out / "split.json").read_text())
-        row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"],
+        row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"], "epochs": int(p["epochs"]),
                "backbone": m["backbone_name"], "n_train_images": m["n_train"], "n_val_images": m["n_val"]}
         row.update({k: m["finetuned"][k] for k in METRICS})
         row.update({f"pretrained_{k}": m["pretrained"][k] for k in METRICS})
@@ -127,7 +132,8 @@ def ablation_plot(df, path: str | Path, title: str = ""):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sns.pointplot(data=long, x="n", y="value", hue="metric", errorbar="sd", capsize=0.15, dodge=0.3, ax=ax,
                   native_scale=True)
-    chance = 100 / df.attrs.get("k", 12)
+    k = int(df["n_val_images"].iloc[0]) // len(str(df["val_ids"].iloc[0]).split("|"))  # LoRAs = images per base image
+    chance = 100 / k
     ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.1f} %)")
     ax.set_xlabel("training images per class (base images)")
     ax.set_ylabel("percent (mean ± sd over seeds)")
@@ -172,10 +178,14 @@ def table2(sizes, domain, baseline_metrics: dict | None = None, val_desc: str = 
     """
     import pandas as pd
 
-    allruns = pd.concat([sizes, domain]).drop_duplicates(subset=["train_set", "n", "seed"])
+    # stage 04's rows are the freshest: they win over an older sizes.csv for the same setting
+    allruns = pd.concat([domain, sizes]).drop_duplicates(subset=["train_set", "n", "seed"])
     val_ids = set(allruns["val_ids"])
     if len(val_ids) != 1:
         raise ValueError("the runs were validated on different sets; Table 2 needs one validation set")
+    if "epochs" in allruns and allruns["epochs"].nunique() > 1:
+        raise ValueError(f"the runs were trained for different numbers of epochs ({sorted(set(allruns['epochs']))}); "
+                         "rerun stages 03 and 04 with the same settings")
     net = BACKBONE_LABELS.get(allruns["backbone"].iloc[0], allruns["backbone"].iloc[0])
     n_val_base = len(next(iter(val_ids)).split("|"))
     val_desc = val_desc or f"{n_val_base} {allruns['val_set'].iloc[0]} images"

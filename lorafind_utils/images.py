@@ -48,17 +48,17 @@ def _decode(src, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(src)
-            if im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large to decode safely (limit {max_pixels:,})")
-            im.load()
+            with Image.open(src) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large to decode safely (limit {max_pixels:,})")
+                im.load()
+                return to_rgb(im)
     except ImageError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError(f"{name}: too large to decode safely") from None
     except Exception as e:  # PIL raises many types for bad files
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-    return to_rgb(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -157,21 +157,31 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     # Encode the images and captions once (VAE and text encoder are frozen).
     with torch.no_grad():
         x = torch.stack([torch.from_numpy(np.asarray(it.image).copy()).permute(2, 0, 1) for it in train_items]).float()
-        x = x.div(127.5).sub(1).to(device)
-        latents_mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        latents_std = vae.encode(x).latent_dist.std * vae.config.scaling_factor
+        x = x.div(127.5).sub(1)
+        means, stds = [], []
+        for i in range(0, len(x), 8):  # in chunks: VAE activations are large at 512 px
+            dist = vae.encode(x[i : i + 8].to(device)).latent_dist
+            means.append(dist.mean * vae.config.scaling_factor)
+            stds.append(dist.std * vae.config.scaling_factor)
+        latents_mean, latents_std = torch.cat(means), torch.cat(stds)
         ids = tok([it.caption for it in train_items], padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids.to(device)
         text = te(ids)[0]
 
+    import hashlib
+
+    data_sig = hashlib.sha256(json.dumps([[it.file, it.caption] for it in train_items]).encode()).hexdigest()[:16]
+    run_sig = {"rank": rank, "alpha": alpha, "seed": seed, "lr": lr, "batch_size": batch_size, "base": str(base), "data": data_sig}
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
     g = torch.Generator().manual_seed(seed)
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
-        if state["rank"] != rank or state["alpha"] != alpha or state["seed"] != seed:
-            raise ValueError(f"{ckpt} belongs to another run (rank {state['rank']}, alpha {state['alpha']}, "
-                             f"seed {state['seed']}); delete it or choose another folder")
+        diff = sorted(k for k in run_sig if state.get("run", {}).get(k) != run_sig[k])
+        if diff:
+            raise ValueError(f"{ckpt} belongs to another run (differs in {', '.join(diff)}: "
+                             f"rank {state['rank']}, alpha {state['alpha']}, seed {state['seed']}); "
+                             "delete it or choose another folder")
         unet.load_state_dict(load_file(str(ckpt / "lora.safetensors")), strict=False)
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         g.set_state(torch.load(ckpt / "generator.pt", weights_only=True))
@@ -185,7 +195,8 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
             torch.save(opt.state_dict(), tmp)
         with atomic_path(ckpt / "generator.pt") as tmp:
             torch.save(g.get_state(), tmp)
-        write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "history": history}, ckpt / "state.json")
+        write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "run": run_sig, "history": history},
+                          ckpt / "state.json")
 
     unet.train()
     n = len(train_items)
@@ -199,7 +210,13 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
         noisy = sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, text[idx]).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        if sched.config.prediction_type == "epsilon":
+            target = noise
+        elif sched.config.prediction_type == "v_prediction":  # e.g. SD 2.1 (768)
+            target = sched.get_velocity(lat, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction type '{sched.config.prediction_type}'")
+        loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -214,14 +231,14 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     bar.close()
 
     lora_sd = get_peft_model_state_dict(unet)
-    files = save_lora_layouts(lora_sd, out_dir, alpha)
+    files = save_lora_layouts(lora_sd, out_dir, alpha, unet.peft_config["default"].to_dict())
     meta = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
             "train_images": [it.file for it in train_items], "base": str(base)}
     write_json_atomic({**meta, "history": history}, out_dir / "training.json")
     return {"history": history, **files, **meta}
 
 
-def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float) -> dict:
+def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float, adapter_config: dict | None = None) -> dict:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT, via ``save_lora_weights``) and
     ``lora_kohya.safetensors`` (kohya keys ``lora_unet_…`` with ``.alpha``, via diffusers'
     ``convert_state_dict_to_kohya``) for other SD tools."""
@@ -229,7 +246,10 @@ def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float) -> dict:
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=peft_sd, safe_serialization=True)
+    # The adapter config (with lora_alpha) goes into the file's metadata, else diffusers assumes alpha = r.
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in (adapter_config or {}).items()}
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=peft_sd, safe_serialization=True,
+                                              unet_lora_adapter_metadata=meta or None)
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
     kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
     with atomic_path(out_dir / "lora_kohya.safetensors") as tmp:
@@ -244,8 +264,7 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
     stages 01-06 can synthesize with them and retrieve them (``catalog:`` + ``lora_dir:``)."""
     import yaml
 
-    keep = ("slug", "name", "short", "file", "base_model", "trigger_words", "sha256")
-    entries = [{k: e[k] for k in keep if k in e} | {"file": e["path"]} for e in base_catalog]
+    entries = [{k: v for k, v in e.items() if k != "path"} for e in base_catalog]
     entries += [{"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]), "file": str(t["kohya"]),
                  "base_model": t.get("base_model", ""), "trigger_words": t.get("trigger_words", []), "sha256": None}
                 for t in trained]
@@ -355,7 +374,10 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
     from .config import load_catalog, resolve
     from .synthesis import prepare_models
 
+    from .synthesis import pick_device
+
     base, _ = prepare_models(cfg)
+    device = str(pick_device(cfg.get("device", "auto")))
     run_dir = resolve(cfg["runs_dir"]) / "style_lora" / p["run_name"]
     ranks = check_ranks(p["ranks"])
     style_dir = resolve(p["style_dir"]) if p.get("style_dir") else make_demo_style_set(
@@ -368,7 +390,7 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
         t = time.perf_counter()
         res = train_lora(base, train_items, run_dir / f"rank{r}", r, alpha=(p.get("alpha") or None), steps=int(p["steps"]),
                          lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
-                         checkpoint_every=int(p["checkpoint_every"]), progress=progress)
+                         checkpoint_every=int(p["checkpoint_every"]), device=device, progress=progress)
         timings[r] = time.perf_counter() - t
         trained.append({**res, "rank": r, "slug": f"{p['run_name']}_r{r}", "name": f"{p['style_name']} (rank {r})",
                         "short": f"{p['style_name']} r{r}", "base_model": cfg["models"]["base"]})
@@ -379,7 +401,8 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
         clip_path = ensure_tiny_clip(resolve(cfg["runs_dir"]) / "models" / "clip-tiny")
     rows, images = evaluate_sweep(base, {f"rank {t['rank']}": t["lora"] for t in trained}, heldout, list(p["eval_prompts"]),
                                   [int(s) for s in p["eval_seeds"]], int(p["infer_steps"]), float(p["guidance_scale"]),
-                                  int(p["resolution"]), p["feature_net"], p["lpips_backbone"], clip_path, progress=progress)
+                                  int(p["resolution"]), p["feature_net"], p["lpips_backbone"], clip_path, device=device,
+                                  progress=progress)
     catalog = register(run_dir / "catalog.yaml", load_catalog(cfg), trained)
     result = {"rows": rows, "trained": [{k: v for k, v in t.items() if k != "history"} for t in trained],
               "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": timings,

@@ -178,6 +178,10 @@ def module_map(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> d
 
 def _family_hint(info: LoraInfo) -> str:
     widths = [e["down"][1] for p, e in info.modules.items() if ("attn2_to_k" in p or "attn2.to_k" in p)]
+    ldm = any(k in p for p in info.modules for k in ("input_blocks", "output_blocks", "middle_block"))
+    if ldm and widths and widths[0] == 768:
+        return (" (its UNet keys use the original LDM block names -- input_blocks/middle_block/output_blocks -- "
+                "which diffusers' SD 1.x LoRA loader cannot map; convert it to the kohya/diffusers naming)")
     if widths and widths[0] in TEXT_WIDTH_FAMILY:
         return f" (its cross-attention takes {widths[0]}-d text: a {TEXT_WIDTH_FAMILY[widths[0]]} LoRA)"
     return ""
@@ -360,6 +364,8 @@ def ensure_tiny_loras(catalog: list[dict], lora_dir: str | Path, base_dir: str |
 
     lora_dir = Path(lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
+    # Only seeded stand-ins are generated; other entries (e.g. LoRAs trained in stage 07) are files.
+    catalog = [e for e in catalog if "seed" in e]
     paths = [lora_dir / e["file"] for e in catalog]
     stamp_path = lora_dir / "lorafind_tiny.json"
     stamp = json.dumps({"catalog": catalog, "base": str(Path(base_dir).resolve())}, sort_keys=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .classifier import _normalize, load_checkpoint
 from .config import load_catalog, resolve, stage_params
-from .images import ImageError, load_rgb, square_resize
+from .images import ImageError, load_rgb, square_resize, to_rgb
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Ranker:
 
         :raises ImageError: empty, truncated, not an image, or too large to decode safely.
         """
-        im = load_rgb(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+        im = load_rgb(image) if not isinstance(image, Image.Image) else to_rgb(image)
         im = square_resize(im, self.size)
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
@@ -213,7 +213,7 @@ def table3(pairs: list[tuple[Query, Ranking]], catalog: list[dict], k: int = 9):
     import pandas as pd
 
     short = {e["slug"]: e["short"] for e in catalog}
-    ordinals = ["1st", "2nd", "3rd"] + [f"{i}th" for i in range(4, k + 1)]
+    ordinals = _ordinals(min(k, len(catalog)))
     rows = []
     for i, (q, r) in enumerate(pairs, 1):
         row = {"query": f"Image{i}", "file": q.id, "correct": short[q.lora], "how": q.how, "rank_of_correct": r.rank_of(q.lora)}
@@ -221,6 +221,10 @@ def table3(pairs: list[tuple[Query, Ranking]], catalog: list[dict], k: int = 9):
         row["score_1st"] = round(r.scores[0], 4)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _ordinals(k: int) -> list[str]:
+    return ["1st", "2nd", "3rd"][:k] + [f"{i}th" for i in range(4, k + 1)]
 
 
 def write_table3(df, metrics: dict, stem: str | Path, k: int = 9) -> dict:
@@ -231,7 +235,7 @@ def write_table3(df, metrics: dict, stem: str | Path, k: int = 9) -> dict:
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(stem.with_suffix(".csv")) as tmp:
         df.to_csv(tmp, index=False)
-    ordinals = ["1st", "2nd", "3rd"] + [f"{i}th" for i in range(4, k + 1)]
+    ordinals = [o for o in _ordinals(k) if o in df.columns]
     head = ["", *ordinals, "rank of correct"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in df.to_dict("records"):

@@ -147,8 +147,16 @@ class RankWidget:
             self._say("No trained classifier yet: run stage 02 first (notebook 02_finetune, or `lorafind train "
                       f"--profile {self.cfg['name']}`).", error=True)
             return
+        except (ValueError, OSError, RuntimeError) as e:  # e.g. a checkpoint that does not fit the catalog
+            self._say(f"The classifier cannot be used: {e}", error=True)
+            return
+        try:
+            ranking = ranker.rank([im], names=[name])[0]
+        except (ValueError, OSError, RuntimeError) as e:
+            self._say(f"{name}: ranking failed: {type(e).__name__}: {e}", error=True)
+            return
         self.query = im
-        self.ranking = ranker.rank([im], names=[name])[0]
+        self.ranking = ranking
         self.query_view.children = [W.VBox([_image(im, 160), W.Label(name)])]
         self.lora.value = self.ranking.slugs[0]
         self.generate_button.disabled = False

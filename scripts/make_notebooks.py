@@ -197,7 +197,7 @@ figure_queries: int = 6  # queries shown in the example figure
 figure_top: int = 5  # top LoRAs shown per query"""),
         ("code", """from lorafind_utils import load_catalog, load_profile, resolve, stage_params
 from lorafind_utils.figures import retrieval_figure
-from lorafind_utils.generation import make_queries
+from lorafind_utils.generation import make_queries as make_query_images
 from lorafind_utils.retrieval import (Ranker, evaluate_queries, example_rows, lora_samples, rank_queries, read_queries,
                                       save_rankings, table3, write_table3)
 
@@ -208,7 +208,7 @@ qdir = resolve(queries_dir) if queries_dir else runs_dir / "thumbnails"
 if make_queries:
     qp = dict(stage_params(cfg, "01_synthesize"), prompts=prompts, query_set=query_set, images_per_lora=images_per_lora,
               seed=query_seed, strength=strength, guidance_scale=guidance_scale)
-    make_queries(cfg, qp, qdir)
+    make_query_images(cfg, qp, qdir)
 ranker = Ranker.from_profile(cfg, run_name or None)
 print(f"classifier: {ranker.backbone}, input {ranker.size} px")"""),
         ("code", """pairs, skipped = rank_queries(ranker, read_queries(qdir, catalog))

@@ -69,6 +69,11 @@ def test_rerun_reproduces_every_number_and_finished_runs_are_reused(synth_cfg):
     d = run_settings(cfg, [("variety", 4)], seeds=[5], progress=False)
     assert not d["reused"].any()
     pd.testing.assert_frame_equal(a[cols], d[cols])
+    # new stage-01 images (another manifest) -> trained again, not reused
+    man = json.loads(open(f"{cfg['runs_dir']}/synth/manifest.json").read())
+    open(f"{cfg['runs_dir']}/synth/manifest.json", "w").write(json.dumps({**man, "params": {"rerun": 1}}))
+    assert not run_settings(cfg, [("variety", 4)], seeds=[5], progress=False)["reused"].any()
+    open(f"{cfg['runs_dir']}/synth/manifest.json", "w").write(json.dumps(man))
     # different parameters -> trained again
     e = run_settings(cfg, [("variety", 4)], seeds=[5], epochs=2, progress=False)
     assert not e["reused"].any() and e["epochs_run"].iloc[0] == 2
@@ -117,3 +122,5 @@ def test_table2_mean_sd_and_paper_columns_against_hand_computed_values(tmp_path)
     assert s.set_index("n").loc[30, "accuracy_mean"] == pytest.approx(30.0)
     with pytest.raises(ValueError, match="different sets"):
         table2(sizes, _runs("faces", 70, [0.1], val="a|c"))
+    with pytest.raises(ValueError, match="different numbers of epochs"):
+        table2(sizes.assign(epochs=5), domain.assign(epochs=15))

@@ -519,3 +519,24 @@ def test_full_size_truncated_download_names_the_byte_counts(sd15, tmp_path):
     head.write_bytes(data[:50_000])  # the download stopped inside the JSON header
     with pytest.raises(LoraError, match=r"not a safetensors file, or truncated \(header says \d+ bytes, file has 50000\)"):
         inspect_lora(head)
+
+
+def test_sd15_lora_with_ldm_block_names_is_refused_with_the_right_hint(tmp_path):
+    """An SD 1.x LoRA keyed by the original LDM blocks (input_blocks_1_1_...) cannot be mapped by
+    diffusers' SD1.5 loader; the message says why instead of calling it an SD 1.x LoRA that does not fit."""
+    from safetensors.torch import save_file
+
+    from lorafind_utils.loras import LoraError, check_lora_against_model, inspect_lora
+    from lorafind_utils.sd15_configs import meta_sd15_text_encoder, meta_sd15_unet
+
+    sd = {}
+    for key, (i, o) in {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (768, 320),
+                        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": (320, 320)}.items():
+        sd[f"{key}.lora_down.weight"] = torch.zeros(4, i)
+        sd[f"{key}.lora_up.weight"] = torch.zeros(o, 4)
+        sd[f"{key}.alpha"] = torch.tensor(4.0)
+    f = tmp_path / "ldm_names.safetensors"
+    save_file(sd, str(f))
+    with pytest.raises(LoraError, match="original LDM block names") as e:
+        check_lora_against_model(inspect_lora(f), meta_sd15_unet(), meta_sd15_text_encoder())
+    assert "a SD 1.x LoRA)" not in str(e.value)

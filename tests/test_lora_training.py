@@ -60,7 +60,7 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     from lorafind_utils.loras import inspect_lora, load_lora
 
     train, _ = split_style_set(style_set, 0.25, 0)
-    res = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "r4", rank=4, steps=40, lr=2e-3, batch_size=4,
+    res = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "r4", rank=4, alpha=8, steps=40, lr=2e-3, batch_size=4,
                      checkpoint_every=20, progress=False)
     losses = [h["loss"] for h in res["history"]]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
@@ -74,12 +74,19 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     with_kohya = _gen(pipe)
     pipe.unload_lora_weights()
     assert np.abs(with_peft - base).mean() > 1e-3  # the LoRA changes the output
-    np.testing.assert_allclose(with_kohya, with_peft, atol=1e-5)  # the two layouts are the same LoRA
+    np.testing.assert_allclose(with_kohya, with_peft, atol=1e-5)  # the two layouts are the same LoRA (alpha 8, scale 2)
     cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}])
     from lorafind_utils.config import load_catalog
 
     cat = load_catalog({**tiny_cfg, "catalog": str(cat_path)})
     assert cat[-1]["slug"] == "duo_r4" and cat[-1]["path"] == res["kohya"] and len(cat) == len(catalog) + 1
+    # stage 01 can use the registered catalog: the seeded stand-ins stay as they are, the trained LoRA is a file
+    from lorafind_utils.synthesis import prepare_loras
+
+    before = {e["slug"]: open(e["path"], "rb").read() for e in catalog}
+    ready = prepare_loras({**tiny_cfg, "catalog": str(cat_path)})
+    assert [e["slug"] for e in ready][-1] == "duo_r4"
+    assert all(open(e["path"], "rb").read() == before[e["slug"]] for e in ready[:-1])
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, style_set, tmp_path):

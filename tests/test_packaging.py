@@ -88,3 +88,21 @@ def test_papermill_understands_every_parameter():
         seen = pm.inspect_notebook(str(p))
         assert set(seen) == set(_parameters(p)), f"{p.name}: papermill --help-notebook misses some parameters"
         assert all(v["help"] for v in seen.values())
+
+
+def test_notebook_parameters_are_not_shadowed_by_imports():
+    """A parameter that a later import rebinds (``make_queries`` once was) silently stops working."""
+    for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        params = set(_parameters(p))
+        nb = nbformat.read(p, as_version=4)
+        for c in nb.cells:
+            if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []):
+                continue
+            for node in ast.walk(ast.parse(c.source)):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    bound = {(a.asname or a.name).split(".")[0] for a in node.names}
+                    assert not bound & params, f"{p.name}: import rebinds parameter(s) {bound & params}"
+                elif isinstance(node, ast.Assign):
+                    for t in node.targets:
+                        if isinstance(t, ast.Name):
+                            assert t.id not in params, f"{p.name}: assignment rebinds parameter {t.id}"

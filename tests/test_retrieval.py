@@ -128,6 +128,12 @@ def test_table3_marks_the_correct_lora(tmp_path):
     md = open(out["md"]).read()
     assert "| Image1 | **A** | B |" in md and "| D | **C** | B | 8 |" in md and "top-1 50.0 %" in md
     assert Image.open(out["png"]).size[0] > 500
+    # a catalog of fewer than 9 LoRAs: as many columns as LoRAs
+    few = [{"slug": s, "short": s.upper()} for s in "abcde"]
+    pairs5 = [(Query("a/1", tmp_path / "1.png", "b", ""), Ranking("a/1", list("abcde"), list("ABCDE"), [0.2] * 5))]
+    t5 = table3(pairs5, few)
+    assert "5th" in t5.columns and "6th" not in t5.columns
+    assert "| Image1 | A | **B** | C | D | E | 2 |" in open(write_table3(t5, retrieval_metrics([2]), tmp_path / "t5")["md"]).read()
 
 
 def test_style_similarity_is_one_for_identical_images_and_lower_for_another_style(ranker_env, tmp_path):
