@@ -408,7 +408,8 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
               "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": timings,
               "steps_per_s": {r: int(p["steps"]) / timings[r] for r in ranks}, "catalog": str(catalog),
               "n_train": len(train_items), "n_heldout": len(heldout), "style_dir": str(style_dir),
-              "feature_net": p["feature_net"], "lpips_backbone": p["lpips_backbone"], "clip_model": clip_path}
+              "feature_net": p["feature_net"], "lpips_backbone": p["lpips_backbone"],
+              "clip_model": "seeded small CLIP (random weights)" if p.get("clip_model") == "tiny" else clip_path}
     write_json_atomic({k: v for k, v in result.items()}, run_dir / "sweep.json")
     result["images"] = images
     result["style_images"] = [np.asarray(it.image) for it in heldout]
