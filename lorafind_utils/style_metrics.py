@@ -63,8 +63,11 @@ def feature_extractor(feature_net: str = "efficientnet_lite0", logits: bool = Fa
     raise ValueError(f"unknown feature network '{feature_net}' (inception | efficientnet_lite0)")
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature=None, subset_size: int = 50) -> dict:
-    """FID and KID (mean, sd over subsets) between two uint8 image sets [N, 3, H, W]."""
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature=None, subset_size: int = 50, seed: int = 0) -> dict:
+    """FID and KID (mean, sd over subsets) between two uint8 image sets [N, 3, H, W].
+
+    KID's random subsets are drawn from a seeded generator state, so a rerun gives the same value.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -77,7 +80,9 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature=None, subset_size: i
     for m in (fid, kid):
         m.update(real, real=True)
         m.update(fake, real=False)
-    k_mean, k_std = kid.compute()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        k_mean, k_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(k_mean), "kid_sd": float(k_std)}
 
 
@@ -91,11 +96,14 @@ def inception_score(images: torch.Tensor, feature=None, splits: int = 1) -> dict
     return {"is": float(mean), "is_sd": float(std) if splits > 1 else float("nan")}
 
 
-def lpips_model(backbone: str = "random"):
-    """``lpips.LPIPS`` (AlexNet): ``backbone="imagenet"`` (torchvision download) or ``"random"`` (offline)."""
+def lpips_model(backbone: str = "random", seed: int = 0):
+    """``lpips.LPIPS`` (AlexNet): ``backbone="imagenet"`` (torchvision download) or ``"random"``
+    (offline; initialised from ``seed``, so the same network every run)."""
     import lpips
 
-    return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=(backbone == "random"), verbose=False).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=(backbone == "random"), verbose=False).eval()
 
 
 @torch.no_grad()

@@ -143,6 +143,8 @@ def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_a_shift():
 
     a = _imgs(12, 0)
     same = fid_kid(a, a, TinyFeatures(), subset_size=6)
+    other = _imgs(12, 5)
+    assert fid_kid(a, other, TinyFeatures(), 6)["kid"] == fid_kid(a, other, TinyFeatures(), 6)["kid"]  # seeded subsets
     assert abs(same["fid"]) < 1e-6 and abs(same["kid"]) < 0.05 * fid_kid(a, _imgs(12, 0, 40), TinyFeatures(), 6)["kid"]
     small, big = fid_kid(a, _imgs(12, 0, 20), TinyFeatures(), 6), fid_kid(a, _imgs(12, 0, 60), TinyFeatures(), 6)
     assert 0 < small["fid"] < big["fid"] and 0 < small["kid"] < big["kid"]
@@ -170,6 +172,9 @@ def test_lpips_is_zero_for_identical_images_and_grows_with_distortion():
 
     m = lpips_model("random")
     a = _imgs(1, 2).repeat(1, 1, 4, 4)  # 64 px: LPIPS' AlexNet needs some size
+    torch.rand(5)  # the random backbone is seeded: the global RNG state does not matter
+    b = (a.int() + 30).clamp(0, 255).to(torch.uint8)
+    assert lpips_to_set(b, a, lpips_model("random")) == lpips_to_set(b, a, m)
     assert lpips_to_set(a, a, m) == pytest.approx(0.0, abs=1e-6)
     assert 0 < lpips_to_set((a.int() + 30).clamp(0, 255).to(torch.uint8), a, m) < lpips_to_set(_imgs(1, 9).repeat(1, 1, 4, 4), a, m)
 
