@@ -10,26 +10,14 @@ its own folder ``runs/<profile>/train/<run_name>/`` (``metrics.json``, ``history
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 
 from .config import resolve, stage_params
-from .files import atomic_path
-from .finetune import BACKBONE_LABELS, run_finetune
+from .files import write_csv_atomic, write_markdown_table
+from .finetune import BACKBONE_LABELS, PAPER_TABLE2, run_finetune
 
 METRICS = ("accuracy", "macro_f1", "mrr", "top3_accuracy")
-
-#: The paper's Table 2 (percent), keyed by (train set, images per class); None = the baseline.
-PAPER_TABLE2 = {
-    ("variety", 100): {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
-    (None, None): {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
-    ("variety", 70): {"accuracy": 76.90, "macro_f1": 70.17, "mrr": 62.15},
-    ("variety", 50): {"accuracy": 67.90, "macro_f1": 65.50, "mrr": 55.09},
-    ("variety", 30): {"accuracy": 62.20, "macro_f1": 60.48, "mrr": 60.42},
-    ("faces", 70): {"accuracy": 50.30, "macro_f1": 48.33, "mrr": 47.92},
-}
 
 
 def run_name(train_set: str, n: int, seed: int) -> str:
@@ -102,11 +90,7 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
 
 def write_results(df, path: str | Path) -> Path:
     """Per-run results as CSV, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-    return path
+    return write_csv_atomic(df, path)
 
 
 def summarize(df):
@@ -236,9 +220,7 @@ def write_table2(df, stem: str | Path, title: str = "") -> dict:
     from .figures import _save
 
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv_atomic(df, stem.with_suffix(".csv"))
     show = ["model", "train data", "validation data"]
     head = show + ["Accuracy", "Macro-F1", "MRR", "Top-3", "seeds", "paper: Accuracy", "paper: Macro-F1", "paper: MRR"]
     cells = []
@@ -246,12 +228,10 @@ def write_table2(df, stem: str | Path, title: str = "") -> dict:
         ours = [_fmt(r[f"{m}_mean"], r[f"{m}_sd"]) for m in METRICS]
         paper = [_paper_cell(r[f"paper_{m}"]) for m in ("accuracy", "macro_f1", "mrr")]
         cells.append([str(r[c]) for c in show] + ours + [str(r["seeds"])] + paper)
-    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join("| " + " | ".join(c) + " |\n" for c in cells)
-    md += "\nOurs: percent, mean ± sd over seeds on one validation set. Paper: its Table 2 (single runs), " \
+    write_markdown_table(stem.with_suffix(".md"), head, cells, "Ours: percent, mean ± sd over seeds on one validation set. Paper: its Table 2 (single runs), " \
           "shown apart and never mixed in; — = not reported (its baseline's Macro-F1 is NaN, from " \
           "0/0 precision of never-predicted classes, which we count as 0). Runs: the `runs` column of the CSV names each run's folder under " \
-          "`runs/<profile>/train/`.\n"
-    stem.with_suffix(".md").write_text(md)
+          "`runs/<profile>/train/`.")
     fig, ax = plt.subplots(figsize=(15, 0.45 * len(cells) + 1.2))
     ax.axis("off")
     t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")

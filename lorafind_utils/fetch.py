@@ -342,8 +342,8 @@ def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, 
             time.sleep(backoff * 2 ** (failures - 1))
 
 
-def _load_hashes(path: Path) -> dict[str, str]:
-    """The ``{slug: sha256}`` lock file, or {} when absent."""
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON object written by an earlier run ({} when absent); ``what`` describes it in errors."""
     if not path.exists():
         return {}
     try:
@@ -351,8 +351,13 @@ def _load_hashes(path: Path) -> dict[str, str]:
     except json.JSONDecodeError as e:
         raise FetchError(f"{path}: not valid JSON ({e}); fix or delete it") from None
     if not isinstance(data, dict):
-        raise FetchError(f"{path}: expected a JSON object {{slug: sha256}}")
-    return {str(k): str(v) for k, v in data.items()}
+        raise FetchError(f"{path}: expected {what}; fix or delete it")
+    return data
+
+
+def _load_hashes(path: Path) -> dict[str, str]:
+    """The ``{slug: sha256}`` lock file, or {} when absent."""
+    return {str(k): str(v) for k, v in _read_json_object(path, "a JSON object {slug: sha256}").items()}
 
 
 def _check_lora(path: Path, slug: str) -> None:
@@ -634,13 +639,8 @@ def _image_ext(url: str) -> str:
 
 def _load_thumbnail_manifest(path: Path) -> dict:
     """An earlier run's thumbnail manifest ({} when absent)."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FetchError(f"{path}: not valid JSON ({e}); fix or delete it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("queries", []), list):
+    data = _read_json_object(path, "a JSON object with a 'queries' list")
+    if not isinstance(data.get("queries", []), list):
         raise FetchError(f"{path}: expected a JSON object with a 'queries' list; fix or delete it")
     return data
 

@@ -24,3 +24,21 @@ def write_json_atomic(obj, path: str | Path, **dumps) -> None:
     """``json.dumps(obj, indent=2, **dumps)`` written atomically to ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, **dumps))
+
+
+def write_csv_atomic(df, path: str | Path) -> Path:
+    """A pandas DataFrame as CSV (no index), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def write_markdown_table(path: str | Path, head: list[str], rows: list[list[str]], notes: str = "") -> Path:
+    """A GitHub-flavoured markdown table (cells already formatted), optionally followed by a paragraph."""
+    path = Path(path)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path

@@ -10,7 +10,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .classifier import (
     ImageSet,
@@ -27,7 +26,7 @@ from .classifier import (
     write_history,
 )
 from .config import load_catalog, resolve
-from .files import write_json_atomic
+from .files import write_csv_atomic, write_json_atomic, write_markdown_table
 from .metrics import classification_metrics
 from .synthesis import pick_device
 
@@ -153,15 +152,24 @@ def table2_rows(metrics: dict, train_desc: str, val_desc: str) -> list[dict]:
     return rows
 
 
-#: The paper's Table 2 values (percent) for rows 1-2, shown beside ours, never mixed in.
+#: The paper's Table 2 (percent), keyed by (train set, images per class); (None, None) = the
+#: untrained-head baseline. Shown beside ours, never mixed in.
 PAPER_TABLE2 = {
-    "Fine-tuned ResNet50": {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
-    "Pretrained ResNet50": {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
+    ("variety", 100): {"accuracy": 79.50, "macro_f1": 74.37, "mrr": 60.92},
+    (None, None): {"accuracy": 8.30, "macro_f1": float("nan"), "mrr": float("nan")},
+    ("variety", 70): {"accuracy": 76.90, "macro_f1": 70.17, "mrr": 62.15},
+    ("variety", 50): {"accuracy": 67.90, "macro_f1": 65.50, "mrr": 55.09},
+    ("variety", 30): {"accuracy": 62.20, "macro_f1": 60.48, "mrr": 60.42},
+    ("faces", 70): {"accuracy": 50.30, "macro_f1": 48.33, "mrr": 47.92},
 }
+#: The paper's row names of Table 2 rows 1-2 -> their keys above.
+PAPER_ROWS12 = {"Fine-tuned ResNet50": ("variety", 100), "Pretrained ResNet50": (None, None)}
 
 
 def write_table(rows: list[dict], stem: str | Path, paper: dict | None = None) -> "object":
     """Write rows as ``<stem>.csv`` and ``<stem>.md``; paper values go in separate ``paper_*`` columns.
+
+    :param paper: :data:`PAPER_TABLE2`; each row's ``paper_row`` (a name of :data:`PAPER_ROWS12`) picks its values.
 
     :return: the pandas DataFrame written.
     """
@@ -170,12 +178,10 @@ def write_table(rows: list[dict], stem: str | Path, paper: dict | None = None) -
     df = pd.DataFrame(rows)
     if paper is not None:
         for col in ("accuracy", "macro_f1", "mrr"):
-            df[f"paper_{col}"] = [paper.get(r.get("paper_row", r["model"]), {}).get(col, float("nan")) for r in rows]
+            df[f"paper_{col}"] = [paper.get(PAPER_ROWS12.get(r.get("paper_row")), {}).get(col, float("nan")) for r in rows]
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(stem.with_suffix(".csv"), index=False)
-    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join("" if (isinstance(v, float) and v != v and not k.startswith("paper")) else str(v)
-                                    for k, v in r.items()) + " |\n" for r in df.to_dict("records"))
-    stem.with_suffix(".md").write_text(header + body)
+    write_csv_atomic(df, stem.with_suffix(".csv"))
+    cells = [["" if (isinstance(v, float) and v != v and not k.startswith("paper")) else str(v) for k, v in r.items()]
+             for r in df.to_dict("records")]
+    write_markdown_table(stem.with_suffix(".md"), list(df.columns), cells)
     return df

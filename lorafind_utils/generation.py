@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .config import load_catalog, resolve
 from .files import atomic_path, write_json_atomic
-from .images import read_base_set, square_resize, load_rgb
-from .loras import check_lora_against_model, inspect_lora, load_lora
-from .synthesis import Prepared, canny_image, item_seed, prepare_base_images, restyle
+from .images import load_rgb, read_base_set
+from .loras import load_lora
+from .synthesis import Prepared, item_seed, prepare_base_images, prepare_image, restyle
 
 
 def text_to_image_pipeline(pipe):
@@ -99,8 +99,7 @@ def prepare_base(path: str | Path, resolution: int, low: int = 100, high: int = 
     """One base image file, decoded, squared and edge-detected (raises ImageError)."""
     from .images import BaseImage
 
-    im = square_resize(load_rgb(path), resolution)
-    return Prepared(BaseImage(Path(path).stem, Path(path)), im, canny_image(im, low, high))
+    return prepare_image(BaseImage(Path(path).stem, Path(path)), load_rgb(path), resolution, low, high)
 
 
 def resolve_lora(cfg: dict, name: str) -> dict:
@@ -117,9 +116,10 @@ def resolve_lora(cfg: dict, name: str) -> dict:
 
 
 def generate(pipe, lora: dict, base: Prepared, seed: int, p: dict, prompt: str = "") -> Image.Image:
-    """Restyle one base image with one LoRA at weight 1.0 (stage 01's settings), then unload it."""
-    info = inspect_lora(lora["path"])
-    check_lora_against_model(info, pipe.unet, pipe.text_encoder)
+    """Restyle one base image with one LoRA at weight 1.0 (stage 01's settings), then unload it.
+
+    :raises LoraError: (from :func:`load_lora`) a file that does not fit the base model, before any work.
+    """
     load_lora(pipe, lora["path"], lora["slug"], weight=1.0)
     try:
         return restyle(pipe, [base], [int(seed)], p, prompt=prompt)[0]

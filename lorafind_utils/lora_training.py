@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     data_sig = hashlib.sha256(json.dumps([[it.file, it.caption] for it in train_items]).encode()).hexdigest()[:16]
     run_sig = {"rank": rank, "alpha": alpha, "seed": seed, "lr": lr, "batch_size": batch_size, "base": str(base), "data": data_sig}
     ckpt = out_dir / "checkpoint"
-    start, history = 0, []
+    start, history, seconds = 0, [], 0.0  # seconds: training time of all calls that made these steps
     g = torch.Generator().manual_seed(seed)
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
@@ -185,28 +186,32 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         unet.load_state_dict(load_file(str(ckpt / "lora.safetensors")), strict=False)
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         g.set_state(torch.load(ckpt / "generator.pt", weights_only=True))
-        start, history = state["step"], state["history"]
+        start, history, seconds = state["step"], state["history"], float(state.get("seconds", 0.0))
 
-    def save_ckpt(step):
+    def trained_seconds() -> float:
+        return seconds + (time.perf_counter() - t_start)
+
+    def save_ckpt(step) -> float:
         ckpt.mkdir(exist_ok=True)
+        elapsed = trained_seconds()
         with atomic_path(ckpt / "lora.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp))
         with atomic_path(ckpt / "optimizer.pt") as tmp:
             torch.save(opt.state_dict(), tmp)
         with atomic_path(ckpt / "generator.pt") as tmp:
             torch.save(g.get_state(), tmp)
-        write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "run": run_sig, "history": history},
-                          ckpt / "state.json")
+        write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "run": run_sig, "history": history,
+                           "seconds": elapsed}, ckpt / "state.json")
+        return elapsed
 
     unet.train()
     n = len(train_items)
     bar = tqdm(range(start, steps), desc=f"LoRA rank {rank}", unit="step", disable=not progress, initial=start, total=steps)
-    done_here = 0
+    done_here, t_start = 0, time.perf_counter()
     for step in bar:
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-        eps = torch.randn(latents_mean[idx].shape, generator=g)
+        noise = torch.randn(latents_mean[idx].shape, generator=g).to(device)
         lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g).to(device)
-        noise = eps.to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
         noisy = sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, text[idx]).sample
@@ -224,16 +229,19 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         bar.set_postfix(loss=f"{float(loss):.4f}")
         done_here += 1
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_ckpt(step + 1)
+            saved_seconds = save_ckpt(step + 1)
         if stop_after is not None and done_here >= stop_after:
             bar.close()
             return {"history": history, "stopped_at": step + 1}
     bar.close()
+    if done_here:
+        seconds = saved_seconds  # as recorded with the final checkpoint (the last step always saves one)
 
     lora_sd = get_peft_model_state_dict(unet)
     files = save_lora_layouts(lora_sd, out_dir, alpha, unet.peft_config["default"].to_dict())
     meta = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-            "train_images": [it.file for it in train_items], "base": str(base)}
+            "train_images": [it.file for it in train_items], "base": str(base), "train_seconds": seconds,
+            "steps_per_s": steps / seconds if seconds else float("nan")}
     write_json_atomic({**meta, "history": history}, out_dir / "training.json")
     return {"history": history, **files, **meta}
 
@@ -369,8 +377,6 @@ def evaluate_sweep(base: str, loras: dict, heldout: list[StyleImage], prompts: l
 def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
     """Stage 07: data -> one LoRA per rank (resumable) -> evaluation -> artifacts under
     ``<runs_dir>/style_lora/<run_name>/``; returns rows, summary, files and timings."""
-    import time
-
     from .config import load_catalog, resolve
     from .synthesis import prepare_models
 
@@ -385,13 +391,11 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
         resolution=int(p["resolution"]), style=p["style_name"])
     items = read_style_set(style_dir, p.get("caption_template", ""), p["style_name"], int(p["resolution"]))
     train_items, heldout = split_style_set(items, float(p["holdout"]), int(p["seed"]))
-    trained, timings = [], {}
+    trained = []
     for r in ranks:
-        t = time.perf_counter()
         res = train_lora(base, train_items, run_dir / f"rank{r}", r, alpha=(p.get("alpha") or None), steps=int(p["steps"]),
                          lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
                          checkpoint_every=int(p["checkpoint_every"]), device=device, progress=progress)
-        timings[r] = time.perf_counter() - t
         trained.append({**res, "rank": r, "slug": f"{p['run_name']}_r{r}", "name": f"{p['style_name']} (rank {r})",
                         "short": f"{p['style_name']} r{r}", "base_model": cfg["models"]["base"]})
     clip_path = p.get("clip_model") or ""
@@ -405,8 +409,8 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
                                   progress=progress)
     catalog = register(run_dir / "catalog.yaml", load_catalog(cfg), trained)
     result = {"rows": rows, "trained": [{k: v for k, v in t.items() if k != "history"} for t in trained],
-              "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": timings,
-              "steps_per_s": {r: int(p["steps"]) / timings[r] for r in ranks}, "catalog": str(catalog),
+              "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": {t["rank"]: t["train_seconds"] for t in trained},
+              "steps_per_s": {t["rank"]: t["steps_per_s"] for t in trained}, "catalog": str(catalog),
               "n_train": len(train_items), "n_heldout": len(heldout), "style_dir": str(style_dir),
               "feature_net": p["feature_net"], "lpips_backbone": p["lpips_backbone"],
               "clip_model": "seeded small CLIP (random weights)" if p.get("clip_model") == "tiny" else clip_path}
@@ -429,19 +433,15 @@ def sweep_table(rows: list[dict]):
 
 
 def write_sweep_table(df, stem, notes: str = "") -> dict:
-    from .files import atomic_path
+    from .files import write_csv_atomic, write_markdown_table
 
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv_atomic(df, stem.with_suffix(".csv"))
     metrics = [c[:-5] for c in df.columns if c.endswith("_mean")]
     names = {"fid": "FID ↓", "kid": "KID ↓", "lpips": "LPIPS ↓", "clip": "CLIP score ↑", "is": "IS ↑"}
     fmt = {"kid": "{:.4f}", "lpips": "{:.4f}"}
     head = ["model", *[names[m] for m in metrics], "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in df.to_dict("records"):
-        cells = [f"{fmt.get(m, '{:.2f}').format(r[m + '_mean'])} ± {fmt.get(m, '{:.2f}').format(r[m + '_sd'])}" for m in metrics]
-        lines.append("| " + " | ".join([r["model"], *cells, str(r["seeds"])]) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else ""))
+    rows = [[r["model"], *[f"{fmt.get(m, '{:.2f}').format(r[m + '_mean'])} ± {fmt.get(m, '{:.2f}').format(r[m + '_sd'])}"
+                           for m in metrics], str(r["seeds"])] for r in df.to_dict("records")]
+    write_markdown_table(stem.with_suffix(".md"), head, rows, notes)
     return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md"))}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classifier import _normalize, load_checkpoint
+from .classifier import _normalize, load_checkpoint, predict
 from .config import load_catalog, resolve, stage_params
 from .images import ImageError, load_rgb, square_resize, to_rgb
 
@@ -72,18 +72,14 @@ class Ranker:
         im = square_resize(im, self.size)
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
-    @torch.no_grad()
-    def probabilities(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        self.model.eval()
-        out = [self.model(_normalize(x[i : i + batch_size].to(self.device))).float().softmax(1).cpu()
-               for i in range(0, len(x), batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, len(self.slugs))
-
     def rank(self, images: list, names: list[str] | None = None, batch_size: int = 64) -> list[Ranking]:
         """Rank every LoRA for each image (paths or PIL images), best first."""
-        x = torch.stack([self.preprocess(im) for im in images])
-        probs = self.probabilities(x, batch_size).double().numpy()
         names = names or [str(Path(im).name) if not isinstance(im, Image.Image) else f"image {i}" for i, im in enumerate(images)]
+        return self.rank_tensors(torch.stack([self.preprocess(im) for im in images]), names, batch_size)
+
+    def rank_tensors(self, x: torch.Tensor, names: list[str], batch_size: int = 64) -> list[Ranking]:
+        """Rank every LoRA for preprocessed images (uint8 [N, 3, S, S], see :meth:`preprocess`)."""
+        probs = predict(self.model, x, batch_size, self.device).double().numpy()
         out = []
         for q, p in zip(names, probs):
             order = np.argsort(-p, kind="stable")
@@ -186,14 +182,14 @@ def rank_queries(ranker: Ranker, queries: list[Query]) -> tuple[list[tuple[Query
 
     :return: ([(query, its ranking), ...], [{"query", "reason"}, ...] for the skipped ones).
     """
-    ok, skipped = [], []
-    for q in queries:
+    ok, xs, skipped = [], [], []
+    for q in queries:  # each query decoded once
         try:
-            ranker.preprocess(q.path)
+            xs.append(ranker.preprocess(q.path))
             ok.append(q)
         except ImageError as e:
             skipped.append({"query": q.id, "reason": str(e)})
-    rankings = ranker.rank([q.path for q in ok], names=[q.id for q in ok]) if ok else []
+    rankings = ranker.rank_tensors(torch.stack(xs), [q.id for q in ok]) if ok else []
     return list(zip(ok, rankings)), skipped
 
 
@@ -229,25 +225,20 @@ def _ordinals(k: int) -> list[str]:
 
 def write_table3(df, metrics: dict, stem: str | Path, k: int = 9) -> dict:
     """``<stem>.csv`` (per query), ``<stem>.md`` (correct LoRA in bold, metrics below)."""
-    from .files import atomic_path
+    from .files import write_csv_atomic, write_markdown_table
 
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv_atomic(df, stem.with_suffix(".csv"))
     ordinals = [o for o in _ordinals(k) if o in df.columns]
-    head = ["", *ordinals, "rank of correct"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in df.to_dict("records"):
-        cells = [f"**{r[o]}**" if r[o] == r["correct"] else str(r[o]) for o in ordinals]
-        lines.append("| " + " | ".join([r["query"], *cells, str(r["rank_of_correct"])]) + " |")
+    rows = [[r["query"], *[f"**{r[o]}**" if r[o] == r["correct"] else str(r[o]) for o in ordinals], str(r["rank_of_correct"])]
+            for r in df.to_dict("records")]
     m = metrics
-    lines += ["", f"Over {m['queries']} queries: top-1 {100 * m['top1']:.1f} %, top-3 {100 * m['top3']:.1f} %, "
+    caption = (f"Over {m['queries']} queries: top-1 {100 * m['top1']:.1f} %, top-3 {100 * m['top3']:.1f} %, "
                   f"top-6 {100 * m['top6']:.1f} %, MRR {100 * m['mrr']:.1f} %"
                   + (f" (a random ranking: top-1 {100 * m['chance_top1']:.1f} %, MRR {100 * m['chance_mrr']:.1f} %)"
-                     if "chance_mrr" in m else "") + ". Bold: the LoRA that made the query image."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _table3_png(df, ordinals, lines[-1].replace("Bold", "Green"), stem.with_suffix(".png"))
+                     if "chance_mrr" in m else "") + ". Bold: the LoRA that made the query image.")
+    write_markdown_table(stem.with_suffix(".md"), ["", *ordinals, "rank of correct"], rows, caption)
+    _table3_png(df, ordinals, caption.replace("Bold", "Green"), stem.with_suffix(".png"))
     return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md")), "png": str(stem.with_suffix(".png"))}
 
 

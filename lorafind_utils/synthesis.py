@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .config import load_catalog, resolve
 from .files import atomic_path, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
-from .loras import LoraError, check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
+from .loras import check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -118,16 +118,20 @@ class Prepared:
     control: Image.Image
 
 
+def prepare_image(base: BaseImage, im: Image.Image, resolution: int, low: int = 100, high: int = 200) -> Prepared:
+    """A decoded base image squared to ``resolution`` with its Canny edges (the pipeline's inputs)."""
+    im = square_resize(im, resolution)
+    return Prepared(base, im, canny_image(im, low, high))
+
+
 def prepare_base_images(images: list[BaseImage], resolution: int, low: int, high: int) -> tuple[list[Prepared], list[dict]]:
     """Decode + resize + Canny every base image once; unreadable ones are returned as skips."""
     ok, skipped = [], []
     for b in images:
         try:
-            im = square_resize(load_rgb(b.path), resolution)
+            ok.append(prepare_image(b, load_rgb(b.path), resolution, low, high))
         except ImageError as e:
             skipped.append({"image": b.id, "file": b.path.name, "reason": str(e)})
-            continue
-        ok.append(Prepared(b, im, canny_image(im, low, high)))
     return ok, skipped
 
 

@@ -20,7 +20,7 @@ import ipywidgets as W
 from PIL import Image
 
 from .config import load_catalog, load_profile, resolve, stage_params
-from .images import ImageError, load_rgb_bytes, read_base_set, square_resize
+from .images import ImageError, load_rgb_bytes, read_base_set
 
 #: Uploads larger than this many bytes are refused before decoding.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -190,7 +190,7 @@ class RankWidget:
 
     def _on_generate(self, _=None) -> None:
         from .generation import generate
-        from .synthesis import Prepared, canny_image, load_pipeline
+        from .synthesis import load_pipeline, prepare_image
         from .images import BaseImage
 
         p = stage_params(self.cfg, "01_synthesize")
@@ -211,8 +211,9 @@ class RankWidget:
                 self._pipe = load_pipeline(self.cfg, self.cfg.get("device", "auto"), p.get("dtype", "float32"))
             self.progress.value = 1
             self._say(f"Generating with {entry['short']} …")
-            init = square_resize(base_im, int(p["resolution"]))
-            prepared = Prepared(BaseImage(base_name, Path(base_name)), init, canny_image(init, p["canny_low"], p["canny_high"]))
+            prepared = prepare_image(BaseImage(base_name, Path(base_name)), base_im, int(p["resolution"]),
+                                     int(p["canny_low"]), int(p["canny_high"]))
+            init = prepared.init
 
             def step(pipe, i, t, kw):
                 self.progress.value = min(self.progress.max, 2 + i)

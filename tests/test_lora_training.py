@@ -89,7 +89,7 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     assert all(open(e["path"], "rb").read() == before[e["slug"]] for e in ready[:-1])
 
 
-def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, style_set, tmp_path):
+def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, catalog, style_set, tmp_path):
     from safetensors.torch import load_file
 
     train, _ = split_style_set(style_set, 0.25, 0)
@@ -99,6 +99,9 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, style_set, tmp_p
     assert part["stopped_at"] == 3 and not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
     resumed = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "resumed", **kw)
     assert resumed["history"] == full["history"]
+    # a finished run called again trains nothing and reports the speed of the steps it made, not of the reload
+    again = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "full", **kw)
+    assert again["train_seconds"] == full["train_seconds"] > 0 and again["steps_per_s"] == full["steps_per_s"]
     a, b = load_file(full["lora"]), load_file(resumed["lora"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="belongs to another run"):

@@ -69,8 +69,14 @@ def test_ranking_is_a_permutation_of_the_catalog_with_scores_summing_to_one(rank
     # one query alone ranks exactly as inside a batch (model loaded once, eval mode)
     alone = ranker.rank([files["webp"]])[0]
     assert alone.slugs == rankings[4].slugs and alone.scores == pytest.approx(rankings[4].scores, abs=1e-6)
-    # EXIF rotation is applied: the rotated JPEG is tall, so it is cropped differently from the plain one
-    assert ranker.preprocess(files["exif"]).shape == (3, 32, 32)
+    # EXIF rotation is applied: orientation 6 means "rotate 90° clockwise to display"
+    from lorafind_utils.images import square_resize
+
+    stored = Image.open(files["exif"]).convert("RGB")  # the pixels as stored, unrotated
+    upright = torch.from_numpy(np.asarray(square_resize(stored.transpose(Image.Transpose.ROTATE_270), 32)).copy()).permute(2, 0, 1)
+    as_stored = torch.from_numpy(np.asarray(square_resize(stored, 32)).copy()).permute(2, 0, 1)
+    got = ranker.preprocess(files["exif"])
+    assert torch.equal(got, upright) and not torch.equal(got, as_stored)
 
 
 def test_bad_query_images_get_clear_errors(ranker_env, tmp_path):
