@@ -25,8 +25,12 @@ def run_name(train_set: str, n: int, seed: int) -> str:
 
 
 def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None = None,
-                   patience: int | None = None) -> dict:
-    """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint)."""
+                   patience: int | None = None, threads: int | None = None) -> dict:
+    """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint).
+
+    ``threads`` (torch threads on CPU) is part of the parameters: CPU training sums in a
+    different order with another thread count, so the numbers agree only to float precision.
+    """
     import hashlib
 
     p = dict(stage_params(cfg, "02_finetune"))
@@ -39,6 +43,8 @@ def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | N
         p["epochs"] = int(epochs)
     if patience is not None:
         p["patience"] = int(patience)
+    if threads is not None:
+        p["threads"] = int(threads)
     return p
 
 
@@ -53,36 +59,71 @@ def _finished(out_dir: Path, p: dict) -> dict | None:
     return m if m.get("params") == json.loads(json.dumps(p)) else None
 
 
+def _train_setting(job: tuple) -> dict:
+    """One ablation run (a worker's job): stage 02's training and evaluation."""
+    from .parallel import torch_threads
+
+    cfg, p, out = job
+    with torch_threads(p.get("threads")):  # the recorded thread count is the one used
+        return run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
+
+
 def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], epochs: int | None = None,
-                 patience: int | None = None, reuse: bool = True, progress: bool = True):
+                 patience: int | None = None, reuse: bool = True, progress: bool = True, workers="auto",
+                 threads: int | None = 1):
     """Train and evaluate every (train set, images per class) x seed; one row per run.
 
     :param reuse: take a finished run with identical parameters from disk instead of training.
+    :param workers: runs trained at once on CPU (``auto``: cores / threads); 1 on a GPU.
+    :param threads: torch threads per run on CPU (recorded; None on CPU = this process's count).
     :return: pandas DataFrame with train_set, n, seed, the fine-tuned metrics, the untrained-head
         baseline's metrics (``pretrained_*``), best epoch, seconds, reused flag and run folder.
     """
     import pandas as pd
+    import torch
     from tqdm.auto import tqdm
 
+    from .parallel import resolve_workers, run_jobs
+    from .synthesis import pick_device
+
+    on_cpu = str(pick_device(cfg.get("device", "auto"))) == "cpu"
+    if on_cpu and threads is None:
+        threads = torch.get_num_threads()
+    if not on_cpu:
+        threads = None  # GPU runs: CPU threads do not change the numbers
     train_root = resolve(cfg["runs_dir"]) / "train"
     jobs = [(s, int(n), int(seed)) for s, n in settings for seed in seeds]
+    params = [setting_params(cfg, s, n, seed, epochs, patience, threads) for s, n, seed in jobs]
+    found = [_finished(train_root / p["run_name"], p) if reuse else None for p in params]
+    todo = [i for i, m in enumerate(found) if m is None]
+    workers = resolve_workers(workers, "cpu" if on_cpu else "cuda", len(todo), threads)
+
+    bar = tqdm(total=len(jobs), desc=f"ablation runs ({workers} at once)" if workers > 1 else "ablation runs",
+               unit="run", disable=not progress)
+    bar.update(len(jobs) - len(todo))
+
+    def done(k, _):
+        s, n, seed = jobs[todo[k]]
+        bar.set_postfix(last=f"{s} n={n} seed={seed}")
+        bar.update(1)
+
+    # longest first (most images), so that the workers finish together
+    order = sorted(range(len(todo)), key=lambda k: -jobs[todo[k]][1])
+    trained = run_jobs(_train_setting, [(cfg, params[i], train_root / params[i]["run_name"]) for i in todo],
+                       workers=workers, threads=threads, on_done=done, order=order)
+    bar.close()
+    for i, m in zip(todo, trained):
+        found[i] = m
     rows = []
-    bar = tqdm(jobs, desc="ablation runs", unit="run", disable=not progress)
-    for train_set, n, seed in bar:
-        bar.set_postfix(setting=f"{train_set} n={n} seed={seed}")
-        p = setting_params(cfg, train_set, n, seed, epochs, patience)
+    for (train_set, n, seed), p, m, i in zip(jobs, params, found, range(len(jobs))):
         out = train_root / p["run_name"]
-        m = _finished(out, p) if reuse else None
-        reused = m is not None
-        if m is None:
-            m = run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
         split = json.loads((out / "split.json").read_text())
         row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"], "epochs": int(p["epochs"]),
                "backbone": m["backbone_name"], "n_train_images": m["n_train"], "n_val_images": m["n_val"]}
         row.update({k: m["finetuned"][k] for k in METRICS})
         row.update({f"pretrained_{k}": m["pretrained"][k] for k in METRICS})
         row.update(best_epoch=m["finetuned"]["best_epoch"], epochs_run=m["finetuned"]["epochs_run"],
-                   train_seconds=m["finetuned"]["train_seconds"], reused=reused,
+                   train_seconds=m["finetuned"]["train_seconds"], threads=p.get("threads"), reused=i not in todo,
                    val_ids="|".join(split["val_ids"]), run_dir=str(out))
         rows.append(row)
     return pd.DataFrame(rows)

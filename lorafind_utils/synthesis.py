@@ -27,6 +27,7 @@ from .config import load_catalog, resolve
 from .files import atomic_path, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
 from .loras import check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
+from .parallel import resolve_workers, run_jobs, torch_threads
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -163,19 +164,60 @@ def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: s
 SYNTH_KEYS = ("resolution", "steps", "strength", "controlnet_scale", "guidance_scale", "canny_low", "canny_high", "seed", "dtype")
 
 
-def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True) -> dict:
+def restyle_with_lora(pipe, entry: dict, mine: list, params: dict, out_dir: Path, on_batch=None) -> int:
+    """Load one LoRA, restyle its pending images [(prepared, file, seed)] in batches, unload it.
+
+    Each PNG is written atomically as soon as its batch is done.
+    """
+    bs = max(1, int(params.get("batch_size", 1)))
+    load_lora(pipe, entry["path"], entry["slug"], weight=1.0)  # each LoRA loaded once
+    try:
+        for i in range(0, len(mine), bs):
+            chunk = mine[i : i + bs]
+            outs = restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], params)
+            for (_, rel, _), im in zip(chunk, outs):
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out_dir / rel) as tmp:
+                    im.save(tmp, format="PNG")
+            if on_batch:
+                on_batch(len(chunk))
+    finally:
+        pipe.unload_lora_weights()
+    return len(mine)
+
+
+_WORKER_PIPES: dict = {}
+
+
+def _restyle_job(job: tuple) -> int:
+    """A worker's job: one LoRA's images, on a pipeline loaded once per worker process."""
+    cfg, params, out_dir, entry, mine = job
+    key = (cfg["models"]["base"], cfg["models"]["controlnet"], cfg.get("device", "auto"), params.get("dtype", "float32"))
+    if key not in _WORKER_PIPES:
+        _WORKER_PIPES.clear()
+        _WORKER_PIPES[key] = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
+    return restyle_with_lora(_WORKER_PIPES[key], entry, mine, params, out_dir)
+
+
+def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True,
+               workers=None) -> dict:
     """Make the F sets: every (LoRA, set, base image) restyled once. Resumable.
 
     :param cfg: the profile (models, catalog, base-image sets).
     :param params: stage parameters (see ``configs/tiny.yaml`` ``01_synthesize``).
     :param out_dir: output folder (default ``<runs_dir>/synth``).
     :param pipe: an already-loaded pipeline (else loaded from the profile).
+    :param workers: processes restyling at once on CPU, one LoRA each (default: ``params["workers"]``,
+        or 1 when ``pipe`` is given, which is then used here; ``auto``: cores / ``params["threads"]``);
+        always 1 on a GPU. Every job runs with ``params["threads"]`` torch threads (default 1), so
+        the images do not depend on the number of workers.
     :return: the manifest (also written to ``<out_dir>/manifest.json``).
     :raises LoraError: a LoRA that cannot load, before any image is made.
     """
     out_dir = Path(out_dir) if out_dir else resolve(cfg["runs_dir"]) / "synth"
     out_dir.mkdir(parents=True, exist_ok=True)
     catalog = prepare_loras(cfg)
+    given_pipe = pipe is not None
     if pipe is None:
         pipe = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
     # Every LoRA is checked against the base model before the first image is made.
@@ -189,6 +231,9 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         sets=list(params["sets"]), max_images=int(params.get("max_images", 0)), prompt="",
         base_model=cfg["models"]["base"], controlnet=cfg["models"]["controlnet"], lora_weight=1.0,
         loras=[e["slug"] for e in catalog], scheduler=type(pipe.scheduler).__name__,
+        # CPU: torch threads per job. Another count sums in another order, and the random tiny
+        # UNet can amplify that into visible differences, so it is a parameter of the images.
+        threads=int(params.get("threads", 1)),
     )
     pfile = out_dir / "params.json"
     if pfile.exists():
@@ -224,24 +269,22 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
                 items.append({"set": name, "lora": e["slug"], "image": x.image.id, "file": rel, "seed": s})
                 if not (out_dir / rel).exists():
                     todo[e["slug"]].append((x, rel, s))
-    bs = max(1, int(params.get("batch_size", 1)))
-    bar = tqdm(total=sum(map(len, todo.values())), desc="restyling", unit="img", disable=not progress)
-    for e in catalog:
-        mine = todo[e["slug"]]
-        if not mine:
-            continue
-        load_lora(pipe, e["path"], e["slug"], weight=1.0)  # each LoRA loaded once
-        try:
-            for i in range(0, len(mine), bs):
-                chunk = mine[i : i + bs]
-                outs = restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], params)
-                for (_, rel, _), im in zip(chunk, outs):
-                    (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(out_dir / rel) as tmp:
-                        im.save(tmp, format="PNG")
-                bar.update(len(chunk))
-        finally:
-            pipe.unload_lora_weights()
+    todo = {slug: mine for slug, mine in todo.items() if mine}
+    entries = {e["slug"]: e for e in catalog}
+    on_cpu = str(pick_device(cfg.get("device", "auto"))) == "cpu"
+    threads = run_params["threads"] if on_cpu else None
+    if workers is None:
+        workers = 1 if given_pipe else params.get("workers", "auto")
+    workers = resolve_workers(workers, "cpu" if on_cpu else "cuda", len(todo), threads)
+    bar = tqdm(total=sum(map(len, todo.values())), desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
+               unit="img", disable=not progress)
+    if workers == 1:
+        with torch_threads(threads):
+            for slug, mine in todo.items():
+                restyle_with_lora(pipe, entries[slug], mine, params, out_dir, on_batch=bar.update)
+    else:  # one job per LoRA; each worker loads the pipeline once and uses the same thread count
+        jobs = [(cfg, params, out_dir, entries[slug], mine) for slug, mine in todo.items()]
+        run_jobs(_restyle_job, jobs, workers=workers, threads=threads, on_done=lambda i, n: bar.update(n))
     bar.close()
     manifest = {
         "params": run_params,

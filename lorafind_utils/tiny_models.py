@@ -213,8 +213,6 @@ def ensure_tiny_models(base_dir: str | Path, controlnet_dir: str | Path, seed: i
 
     :return: (base pipeline folder, controlnet folder), both ``from_pretrained``-loadable.
     """
-    from diffusers import StableDiffusionPipeline
-
     base_dir, controlnet_dir = Path(base_dir), Path(controlnet_dir)
     stamp = f"lorafind tiny models v{TINY_MODEL_VERSION} seed {seed}"
     if all((d / "lorafind_tiny.txt").exists() and (d / "lorafind_tiny.txt").read_text() == stamp for d in (base_dir, controlnet_dir)):

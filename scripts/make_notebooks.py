@@ -33,6 +33,8 @@ batch_size: int = 32  # images per pipeline call (results do not depend on it)
 seed: int = 0  # base seed; every image gets its own seed from (seed, LoRA, image)
 max_images: int = 0  # 0 means every image of each set, N the first N images (quick runs)
 dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU only)
+workers: str = "auto"  # CPU: processes restyling at once, one LoRA each (auto: cores divided by threads); 1 on a GPU
+threads: int = 1  # CPU: torch threads per process (a parameter of the images; see the README)
 grid_images: int = 6  # base images shown per row of the grid figure"""),
         ("code", """from lorafind_utils import load_profile, resolve
 from lorafind_utils.synthesis import synthesize
@@ -41,7 +43,7 @@ from lorafind_utils.figures import synthesis_grid
 cfg = load_profile(profile, overrides)
 params = dict(sets=sets, resolution=resolution, steps=steps, strength=strength, controlnet_scale=controlnet_scale,
               guidance_scale=guidance_scale, canny_low=canny_low, canny_high=canny_high, batch_size=batch_size,
-              seed=seed, max_images=max_images, dtype=dtype)
+              seed=seed, max_images=max_images, dtype=dtype, workers=workers, threads=threads)
 synth_dir = resolve(cfg["runs_dir"]) / "synth"
 figures_dir = resolve(cfg["figures_dir"])
 print(f"profile {cfg['name']}: {cfg['description']}")"""),
@@ -119,13 +121,16 @@ sizes: list = [30, 50, 70, 100]  # training base images per class
 seeds: list = [0, 1, 2]  # repeats of each size (init, order, augmentation and which images)
 epochs: int = 5  # epochs per run (the paper: 15; tiny: 5 to fit the tiny study's time budget)
 patience: int = 5  # early stopping patience in epochs
-train_set: str = "variety"  # restyled set to train on"""),
+train_set: str = "variety"  # restyled set to train on
+workers: str = "auto"  # CPU: runs trained at once (auto: cores divided by threads); 1 on a GPU
+threads: int = 1  # CPU: torch threads per run (recorded with the run; another count trains again)"""),
         ("code", """from lorafind_utils import load_profile, resolve
 from lorafind_utils.ablation import ablation_plot, run_settings, summarize, write_results
 
 cfg = load_profile(profile, overrides)
 figures_dir = resolve(cfg["figures_dir"])
-runs = run_settings(cfg, [(train_set, n) for n in sizes], seeds, epochs=epochs, patience=patience)
+runs = run_settings(cfg, [(train_set, n) for n in sizes], seeds, epochs=epochs, patience=patience, workers=workers,
+                    threads=threads)
 print("results:", write_results(runs, resolve(cfg["runs_dir"]) / "ablate" / "sizes.csv"))
 print(f"{int((~runs['reused']).sum())} runs trained, {int(runs['reused'].sum())} reused; "
       f"training time {runs['train_seconds'].sum():.0f} s; backbone {runs['backbone'].iloc[0]}")"""),
@@ -149,7 +154,9 @@ variety_set: str = "variety"  # varied restyled set (also the validation set)
 n: int = 70  # training base images per class for both
 seeds: list = [0, 1, 2]  # repeats (the same seeds as stage 03 reuse its runs)
 epochs: int = 5  # epochs per run (the paper: 15; tiny: 5)
-patience: int = 5  # early stopping patience in epochs"""),
+patience: int = 5  # early stopping patience in epochs
+workers: str = "auto"  # CPU: runs trained at once (auto: cores divided by threads); 1 on a GPU
+threads: int = 1  # CPU: torch threads per run (the same as stage 03 reuses its runs)"""),
         ("code", """import json
 
 import pandas as pd
@@ -159,7 +166,8 @@ from lorafind_utils.ablation import domain_plot, run_settings, summarize, table2
 
 cfg = load_profile(profile, overrides)
 runs_dir, figures_dir = resolve(cfg["runs_dir"]), resolve(cfg["figures_dir"])
-runs = run_settings(cfg, [(domain_set, n), (variety_set, n)], seeds, epochs=epochs, patience=patience)
+runs = run_settings(cfg, [(domain_set, n), (variety_set, n)], seeds, epochs=epochs, patience=patience, workers=workers,
+                    threads=threads)
 print("results:", write_results(runs, runs_dir / "ablate" / "domain.csv"))
 assert set(runs[runs["train_set"] == domain_set]["val_set"]) == {variety_set}
 summarize(runs).round(2)"""),

@@ -124,3 +124,24 @@ def test_table2_mean_sd_and_paper_columns_against_hand_computed_values(tmp_path)
         table2(sizes, _runs("faces", 70, [0.1], val="a|c"))
     with pytest.raises(ValueError, match="different numbers of epochs"):
         table2(sizes.assign(epochs=5), domain.assign(epochs=15))
+
+
+def test_parallel_workers_give_the_same_numbers_as_one_process(synth_cfg):
+    """Two spawned workers (one thread each) = the same runs one after another in this process."""
+    cfg, _ = synth_cfg
+    cols = ["train_set", "n", "seed", "accuracy", "macro_f1", "mrr", "top3_accuracy", "pretrained_accuracy", "best_epoch",
+            "threads", "val_ids"]
+    settings = [("variety", 5), ("faces", 4)]
+    par = run_settings(cfg, settings, seeds=[3], reuse=False, progress=False, workers=2, threads=1)
+    seq = run_settings(cfg, settings, seeds=[3], reuse=False, progress=False, workers=1, threads=1)
+    pd.testing.assert_frame_equal(par[cols], seq[cols])
+    assert (par["threads"] == 1).all()
+    # the thread count is part of a run's parameters: another count trains again
+    assert not run_settings(cfg, settings[:1], seeds=[3], progress=False, workers=1, threads=2)["reused"].any()
+    assert run_settings(cfg, settings[:1], seeds=[3], progress=False, workers=1, threads=2)["reused"].all()
+
+
+def test_a_failing_run_in_a_worker_raises_here(synth_cfg):
+    cfg, _ = synth_cfg
+    with pytest.raises(ValueError, match="n_train=99"):
+        run_settings(cfg, [("variety", 2), ("variety", 99)], seeds=[0], reuse=False, progress=False, workers=2, threads=1)

@@ -96,6 +96,16 @@ def test_killed_run_resumes_to_the_same_result(tiny_root, tiny_pipe, stage_param
         synthesize(cfg_b, dict(p, steps=3), tmp_path / "b" / "synth", pipe=tiny_pipe, progress=False)
 
 
+def test_worker_processes_make_the_same_files_as_one_process(tiny_root, tiny_pipe, stage_params, tmp_path):
+    """Two spawned workers (one LoRA per job, one thread each) = the in-process loop, byte for byte."""
+    p = dict(stage_params, sets=["variety", "faces"], max_images=2)
+    one = synthesize(_cfg(tiny_root, tmp_path / "a"), p, tmp_path / "a" / "synth", pipe=tiny_pipe, progress=False)
+    two = synthesize(_cfg(tiny_root, tmp_path / "b"), p, tmp_path / "b" / "synth", progress=False, workers=2)
+    assert one == two
+    ref = _files(tmp_path / "a" / "synth")
+    assert len(ref) == 12 * 2 * 2 and _files(tmp_path / "b" / "synth") == ref
+
+
 def test_unreadable_base_image_is_recorded_not_silently_dropped(tiny_root, tiny_pipe, stage_params, tmp_path):
     src = resolve(load_profile("tiny")["base_images"]["variety"])
     imgs = read_base_set(src)[:2]
