@@ -194,3 +194,68 @@ def bench_rank(cfg: dict, n_queries: int = 64, repeats: int = 3, log=print) -> d
     log(f"  one query at a time: median {res['latency_ms_median']} ms, p90 {res['latency_ms_p90']} ms (decode included)")
     log(f"  one batch of {len(files)}: {res['batch_img_per_s']} img/s ({res['batch_vs_single_speedup']}x one at a time)")
     return res
+
+
+def bench_workers(cfg: dict, runs: int = 4, n: int = 70, epochs: int = 5, images: int = 64,
+                  parts: tuple = ("train", "synth"), log=print) -> dict:
+    """Worker processes (one thread each) against one process using every core, same jobs.
+
+    Training: ``runs`` ablation runs (``n`` base images per class, ``epochs``), as stages 03/04
+    run them; needs stage 01's images. Synthesis: every LoRA x ``images`` base images, as stage 01
+    runs them (one job per LoRA). Both sides are timed from the call, so the workers' start-up (spawn,
+    imports, model loading) is included. Everything is written to a temporary folder. The
+    defaults mirror the tiny study (a stage-04 run: 70 images per class, 5 epochs; stage 01's
+    batches of 32); with much smaller jobs the workers' start-up (about 5 s) outweighs the gain.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .ablation import run_settings
+    from .config import resolve, stage_params
+    from .synthesis import synthesize
+
+    cores = os.cpu_count() or 1
+    synth = resolve(cfg["runs_dir"]) / "synth"
+    if not (synth / "manifest.json").exists():
+        raise FileNotFoundError(f"{synth}/manifest.json not found: run stage 01 first (`lorafind synthesize`)")
+    res = {"cores": cores}
+    with tempfile.TemporaryDirectory(prefix="lorafind-bench-") as tmp:
+        runs_dir = Path(tmp) / "runs"
+        runs_dir.mkdir()
+        (runs_dir / "synth").symlink_to(synth.resolve(), target_is_directory=True)
+        bcfg = {**cfg, "runs_dir": str(runs_dir)}
+        timings = {}
+        if "train" in parts:
+            settings = [("variety", n)]
+            seeds = list(range(runs))
+            for label, kw in (("one process", dict(workers=1, threads=cores)), ("workers", dict(workers="auto", threads=1))):
+                t = time.perf_counter()
+                run_settings(bcfg, settings, seeds, epochs=epochs, reuse=False, progress=False, **kw)
+                timings[label] = time.perf_counter() - t
+            img = runs * n * 12 * epochs
+            res["train"] = {"runs": runs, "images_per_run": n * 12 * epochs,
+                            "one_process_s": round(timings["one process"], 2), "workers_s": round(timings["workers"], 2),
+                            "speedup": round(timings["one process"] / timings["workers"], 2),
+                            "one_process_img_per_s": round(img / timings["one process"], 1),
+                            "workers_img_per_s": round(img / timings["workers"], 1)}
+            log(f"train {runs} runs x {n * 12 * epochs} images: one process ({cores} threads) "
+                f"{timings['one process']:.1f} s, {min(cores, runs)} workers x 1 thread {timings['workers']:.1f} s "
+                f"-> {res['train']['speedup']}x")
+        if "synth" in parts:
+            p = dict(stage_params(cfg, "01_synthesize"), sets=["variety"], max_images=images)
+            for label, kw in (("one process", dict(workers=1, threads=cores)), ("workers", dict(workers="auto", threads=1))):
+                out = Path(tmp) / f"synth-{label.replace(' ', '-')}"
+                t = time.perf_counter()
+                man = synthesize(cfg, {**p, "threads": kw["threads"]}, out, progress=False, workers=kw["workers"])
+                timings["synth " + label] = time.perf_counter() - t
+                shutil.rmtree(out)
+            loras = len(man["loras"])
+            k = len(man["items"])
+            res["synth"] = {"images": k, "one_process_s": round(timings["synth one process"], 2),
+                            "workers_s": round(timings["synth workers"], 2),
+                            "speedup": round(timings["synth one process"] / timings["synth workers"], 2)}
+            log(f"synth {loras} LoRAs x {k // loras} images: one process ({cores} threads) {timings['synth one process']:.1f} s, "
+                f"{min(cores, loras)} workers x 1 thread {timings['synth workers']:.1f} s -> {res['synth']['speedup']}x")
+    return res

@@ -172,7 +172,7 @@ def cmd_generate(args):
 
 
 def cmd_bench(args):
-    from .bench import bench_rank, bench_synth, bench_train
+    from .bench import bench_rank, bench_synth, bench_train, bench_workers
     from .config import load_profile
 
     cfg = load_profile(args.profile, _overrides(args))
@@ -180,6 +180,8 @@ def cmd_bench(args):
         res = bench_rank(cfg, n_queries=args.images)
     elif args.bench_cmd == "train":
         res = bench_train(cfg, n_images=args.images, epochs=args.epochs, backbone=args.backbone)
+    elif args.bench_cmd == "workers":
+        res = bench_workers(cfg, runs=args.runs, n=args.n, epochs=args.epochs, images=args.images, parts=tuple(args.only))
     else:
         res = bench_synth(cfg, n_images=args.images, n_loras=args.loras, batch_size=args.batch_size)
     if args.json:
@@ -275,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=384)
     b.add_argument("--epochs", type=int, default=2)
     b.add_argument("--backbone", help="classifier backbone (default: the profile's), e.g. resnet50")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("workers", help="worker processes vs one process on every core (stages 01, 03/04; needs stage 01)")
+    _profile_arg(b)
+    b.add_argument("--runs", type=int, default=4, help="ablation runs to train")
+    b.add_argument("--n", type=int, default=70, help="base images per class in each run")
+    b.add_argument("--epochs", type=int, default=5)
+    b.add_argument("--images", type=int, default=64, help="base images restyled by every LoRA (0: the whole set)")
+    b.add_argument("--only", nargs="+", choices=["train", "synth"], default=["train", "synth"])
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return ap
