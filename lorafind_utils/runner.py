@@ -114,5 +114,5 @@ def run_study(profile: str = "tiny", only: list[str] | None = None, start: str |
         records.append(append_record(records_path, rec))
         if error:
             raise StageFailed(f"{error} -- executed notebook: {out_nb}")
-        log(f"[{nb.stem}] done in {rec['wall_s']} s, kernel peak memory {rec['peak_rss_mb']} MB")
+        log(f"[{nb.stem}] done in {rec['wall_s']} s, peak memory {rec['peak_rss_mb']} MB (kernel and its workers, RSS summed)")
     return records

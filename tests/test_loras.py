@@ -53,13 +53,20 @@ def test_loaded_weights_equal_hand_merged_lora(tiny_pipe, catalog):
     w0 = mod.weight.detach().clone()
     r = sd[f"{key}.lora_down.weight"].shape[0]
     expected = w0 + sd[f"{key}.alpha"] / r * sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"]
-    load_lora(tiny_pipe, e["path"], e["slug"])
-    tiny_pipe.fuse_lora(lora_scale=1.0)
-    fused = mod.base_layer.weight.detach().clone() if hasattr(mod, "base_layer") else mod.weight.detach().clone()
-    tiny_pipe.unfuse_lora()
-    tiny_pipe.unload_lora_weights()
-    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(mod.weight.detach(), w0)
+    # fuse + unfuse restores the weights only to float precision: put the exact ones back after,
+    # so that later tests on this session-wide pipeline are not perturbed
+    saved = {name: {k: v.clone() for k, v in getattr(tiny_pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+    try:
+        load_lora(tiny_pipe, e["path"], e["slug"])
+        tiny_pipe.fuse_lora(lora_scale=1.0)
+        fused = mod.base_layer.weight.detach().clone() if hasattr(mod, "base_layer") else mod.weight.detach().clone()
+        tiny_pipe.unfuse_lora()
+        tiny_pipe.unload_lora_weights()
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mod.weight.detach(), w0)
+    finally:
+        for name, sd0 in saved.items():
+            getattr(tiny_pipe, name).load_state_dict(sd0)
 
 
 def _copy_with(catalog, tmp_path, name, fn):
