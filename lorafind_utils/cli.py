@@ -77,19 +77,14 @@ def cmd_train(args):
 
 
 def cmd_lora_check(args):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     from .config import load_profile
     from .loras import check_lora_against_model, inspect_lora
-    from .synthesis import prepare_models, quiet_libraries
+    from .synthesis import base_skeletons, quiet_libraries
 
     quiet_libraries()
     cfg = load_profile(args.profile)
     info = inspect_lora(args.file)
-    base, _ = prepare_models(cfg)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    unet, te = base_skeletons(cfg)  # names and shapes only: no weights are read
     touched = check_lora_against_model(info, unet, te)
     print(f"OK  {info.summary()}")
     print(f"    loads onto {cfg['models']['base']}: {touched['unet']} UNet modules, {touched['text_encoder']} text-encoder modules")
@@ -133,12 +128,12 @@ def cmd_rank(args):
     cfg = load_profile(args.profile, _overrides(args))
     ranker = Ranker.from_profile(cfg, args.run)
     results, failed = [], 0
-    for path in args.images:
-        try:
-            results.append(ranker.rank([path], names=[path])[0])
-        except ImageError as e:
-            print(f"lorafind: error: {e}", file=sys.stderr)
+    for r in ranker.rank_files(args.images):  # one batch; an unreadable file is reported, not fatal
+        if isinstance(r, ImageError):
+            print(f"lorafind: error: {r}", file=sys.stderr)
             failed += 1
+        else:
+            results.append(r)
     k = args.top or len(ranker.slugs)
     if args.json:
         print(json.dumps([r.as_dict(k) for r in results], indent=2))

@@ -269,12 +269,45 @@ def download(url: str, dest: str | Path, expected_sha256: str | None = None, tok
     return DownloadResult(dest, digest, size, resumed=resumed, skipped=False)
 
 
+def _token(token: str | None) -> str | None:
+    """The token given, else ``$CIVITAI_TOKEN`` (None when unset or empty)."""
+    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+
+
+def _raise_failures(errors: list[str], n: int, results: list[dict], what: str) -> None:
+    """One FetchError listing every entry that failed (and which ones are fine), if any failed."""
+    if errors:
+        ok = [r["slug"] for r in results]
+        raise FetchError(f"{len(errors)} of {n} {what} failed" + (f" ({len(ok)} fine: {', '.join(ok)})" if ok else "")
+                         + ":\n  " + "\n  ".join(errors))
+
+
+#: errors after which a request is tried again
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, http.client.HTTPException,
+              _ShortRead, _Retryable)
+
+
+def _wait_or_give_up(e: Exception, failures: int, retries: int, backoff: float, token: str | None, what: str,
+                     kept: str = "") -> None:
+    """After a transient error: wait (exponential backoff) for the next try, or raise FetchError
+    once ``retries`` are used up. The message never contains the token."""
+    if failures > retries:
+        raise FetchError(_redact(f"{what} failed after {retries} retries ({type(e).__name__}: {e}){kept}", token)) from None
+    time.sleep(backoff * 2 ** (failures - 1))
+
+
 def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, token: str | None, chunk: int,
                    retries: int, timeout: float, progress: bool, label: str, backoff: float) -> tuple[str, int, bool]:
     """Fill ``part`` with the whole body of ``url``, resuming and retrying; return (sha256, size, resumed)."""
     name = label or dest.name
     failures = 0
     resumed = False
+    carried = None  # (sha256 so far, bytes it covers): a retry continues it instead of re-reading the part
+
+    def prefix_hash(have: int):
+        return carried[0].copy() if carried and carried[1] == have else _hash_prefix(part, chunk)
+
     while True:
         have = part.stat().st_size if part.exists() else 0
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
@@ -287,7 +320,7 @@ def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, 
                 if r.status_code == 416 and have:
                     total = _total_from_content_range(r.headers.get("Content-Range"))
                     if total == have:  # the partial file (of an earlier attempt or run) is in fact complete
-                        return _hash_prefix(part, chunk).hexdigest(), have, True
+                        return prefix_hash(have).hexdigest(), have, True
                     raise _Restart()
                 if r.status_code in RETRY_STATUSES:
                     raise _Retryable(f"HTTP {r.status_code}")
@@ -296,9 +329,9 @@ def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, 
                 if r.status_code == 206:
                     if _start_from_content_range(r.headers.get("Content-Range")) != have:
                         raise _Restart()
-                    hasher, mode, start = _hash_prefix(part, chunk), "ab", have
+                    hasher, mode, start, resumed = prefix_hash(have), "ab", have, True
                 else:  # 200: the whole file (the server ignored or was not sent a Range)
-                    hasher, mode, start, resumed = hashlib.sha256(), "wb", 0, False
+                    hasher, mode, start, resumed, carried = hashlib.sha256(), "wb", 0, False, None
                 length = r.headers.get("Content-Length")
                 total = start + int(length) if length and length.isdigit() else None
                 written = start
@@ -317,29 +350,23 @@ def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, 
                             raise
                         hasher.update(block)
                         written += len(block)
-                        if mode == "ab":
-                            resumed = True
+                        carried = (hasher, written)
                         bar.update(len(block))
                 if total is not None and written < total:
                     raise _ShortRead(f"connection closed after {written} of {total} bytes")
                 return hasher.hexdigest(), written, resumed
         except _Restart:
             part.unlink(missing_ok=True)
+            carried = None
             failures += 1
             if failures > retries:
                 raise FetchError(f"{name}: the server does not resume downloads consistently; "
                                  f"gave up after {retries} retries") from None
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                _ShortRead, _Retryable) as e:
+        except _TRANSIENT as e:
             failures += 1
-            if failures > retries:
-                kept = f"; the {part.stat().st_size} bytes downloaded are kept in {part}, run again to resume" \
-                    if part.exists() and part.stat().st_size else ""
-                reason = _redact(f"{type(e).__name__}: {e}", token)
-                raise FetchError(_redact(f"{name}: download of {display_url(url)} failed after {retries} "
-                                         f"retries ({reason}){kept}", token)) from None
-            time.sleep(backoff * 2 ** (failures - 1))
+            kept = f"; the {part.stat().st_size} bytes downloaded are kept in {part}, run again to resume" \
+                if part.exists() and part.stat().st_size else ""
+            _wait_or_give_up(e, failures, retries, backoff, token, f"{name}: download of {display_url(url)}", kept)
 
 
 def _read_json_object(path: Path, what: str) -> dict:
@@ -391,7 +418,7 @@ def fetch_loras(cfg: dict, token: str | None = None, progress: bool = True) -> l
     :return: one dict per LoRA: slug, path, sha256, bytes, status (downloaded | present | resumed).
     :raises FetchError: failed entries, a catalog without URLs, a corrupt ``hashes.json``.
     """
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    token = _token(token)
     entries = load_catalog(cfg)
     if not any(e.get("url") for e in entries):
         raise FetchError(f"{cfg['catalog']}: no LoRA has a download url; nothing to fetch for profile "
@@ -408,10 +435,7 @@ def fetch_loras(cfg: dict, token: str | None = None, progress: bool = True) -> l
                 raise
             except FetchError as err:
                 errors.append(str(err))
-    if errors:
-        ok = [r["slug"] for r in results]
-        raise FetchError(f"{len(errors)} of {len(entries)} LoRAs failed"
-                         + (f" ({len(ok)} fine: {', '.join(ok)})" if ok else "") + ":\n  " + "\n  ".join(errors))
+    _raise_failures(errors, len(entries), results, "LoRAs")
     return results
 
 
@@ -606,15 +630,9 @@ def _get_json(session: requests.Session, url: str, label: str, token: str | None
             r = session.get(url, headers=headers, timeout=timeout, allow_redirects=True)
             if r.status_code in RETRY_STATUSES:
                 raise _Retryable(f"HTTP {r.status_code}")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                _Retryable) as e:
+        except _TRANSIENT as e:
             failures += 1
-            if failures > retries:
-                reason = _redact(f"{type(e).__name__}: {e}", token)
-                raise FetchError(_redact(f"{label}: request to {display_url(url)} failed after {retries} "
-                                         f"retries ({reason})", token)) from None
-            time.sleep(backoff * 2 ** (failures - 1))
+            _wait_or_give_up(e, failures, retries, backoff, token, f"{label}: request to {display_url(url)}")
             continue
         if r.status_code >= 400:
             raise _http_error(r.status_code, url, label, token)
@@ -670,7 +688,7 @@ def fetch_thumbnails(cfg: dict, per_lora: int = THUMBNAILS_PER_LORA, token: str 
     """
     if per_lora < 1:
         raise FetchError(f"per_lora must be at least 1, not {per_lora}")
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    token = _token(token)
     entries = [e for e in load_catalog(cfg) if e.get("civitai_version_id")]
     if not entries:
         raise FetchError(f"{cfg['catalog']}: no LoRA has a civitai_version_id; no Civitai preview images to fetch "
@@ -702,10 +720,7 @@ def fetch_thumbnails(cfg: dict, per_lora: int = THUMBNAILS_PER_LORA, token: str 
     manifest = {"queries": queries, "versions": versions}
     if manifest != old:
         write_json_atomic(manifest, manifest_path)
-    if errors:
-        ok = [r["slug"] for r in results]
-        raise FetchError(f"{len(errors)} of {len(entries)} LoRAs' preview images failed"
-                         + (f" ({len(ok)} fine: {', '.join(ok)})" if ok else "") + ":\n  " + "\n  ".join(errors))
+    _raise_failures(errors, len(entries), results, "LoRAs' preview images")
     return results
 
 

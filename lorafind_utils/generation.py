@@ -41,7 +41,6 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     from .synthesis import load_pipeline, prepare_loras
 
     out_dir = Path(out_dir)
-    catalog = prepare_loras(cfg)
     keys = ("prompts", "query_set", "images_per_lora", "seed", "strength", "steps", "guidance_scale", "resolution",
             "controlnet_scale", "canny_low", "canny_high")
     params = {k: p[k] for k in keys}
@@ -51,7 +50,8 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
         if man.get("params") == json.loads(json.dumps(params)):
             return man
         raise ValueError(f"{out_dir} holds queries made with other parameters; delete it or choose another folder")
-    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"))
+    catalog = prepare_loras(cfg)  # only when queries must be made: finished ones need no LoRA file
+    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
     t2i = text_to_image_pipeline(pipe)
     bases = read_base_set(resolve(cfg["base_images"][p["query_set"]]))
     prepared, _ = prepare_base_images(bases, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
@@ -76,7 +76,7 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
                 rel = f"{e['slug']}/{p['query_set']}_{x.image.id}.png"
                 s = item_seed(int(p["seed"]), e["slug"], x.image.id)
                 if not (out_dir / rel).exists():
-                    im = restyle(pipe, [x], [s], {**p, "strength": float(p["strength"])})[0]
+                    im = restyle(pipe, [x], [s], p)[0]
                     _save_png(im, out_dir / rel)
                 queries.append({"file": rel, "lora": e["slug"], "seed": s, "base_image": f"{p['query_set']}/{x.image.id}",
                                 "how": f"img2img from {p['query_set']} image {x.image.id}, strength {p['strength']}"})
@@ -139,7 +139,7 @@ def figure8_rows(cfg: dict, rankings: dict, query_indexes: list[int], base: Prep
     from .synthesis import load_pipeline
 
     catalog = {e["slug"]: e for e in load_catalog(cfg)}
-    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"))
+    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
     qs = rankings["queries"]
     bad = [i for i in query_indexes if not 0 <= int(i) < len(qs)]
     if bad:

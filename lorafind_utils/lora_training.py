@@ -157,8 +157,7 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
 
     # Encode the images and captions once (VAE and text encoder are frozen).
     with torch.no_grad():
-        x = torch.stack([torch.from_numpy(np.asarray(it.image).copy()).permute(2, 0, 1) for it in train_items]).float()
-        x = x.div(127.5).sub(1)
+        x = to_uint8(train_items).float().div(127.5).sub(1)
         means, stds = [], []
         for i in range(0, len(x), 8):  # in chunks: VAE activations are large at 512 px
             dist = vae.encode(x[i : i + 8].to(device)).latent_dist
@@ -278,7 +277,8 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
                 for t in trained]
     path = Path(catalog_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"loras": entries}, sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump({"loras": entries}, sort_keys=False))
     return path
 
 
@@ -347,7 +347,8 @@ def evaluate_sweep(base: str, loras: dict, heldout: list[StyleImage], prompts: l
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     real = to_uint8(heldout)
-    feat, logits = sm.feature_extractor(feature_net), sm.feature_extractor(feature_net, logits=True)
+    logits = sm.feature_extractor(feature_net, logits=True)
+    fid_kid = sm.FidKid(real, sm.feature_extractor(feature_net))  # the held-out set's features once
     lp = sm.lpips_model(lpips_backbone)
     clip = sm.load_clip(clip_path) if clip_path else None
     rows, images = [], {}
@@ -361,7 +362,7 @@ def evaluate_sweep(base: str, loras: dict, heldout: list[StyleImage], prompts: l
             for s in seeds:
                 fake = sample_images(pipe, prompts, s, steps, guidance, resolution)
                 images[label][s] = fake
-                row = {"model": label, "seed": s, **sm.fid_kid(real, fake, feat),
+                row = {"model": label, "seed": s, **fid_kid(fake),
                        "lpips": sm.lpips_to_set(fake, real, lp), **sm.inception_score(fake, logits)}
                 if clip:
                     row["clip"] = sm.clip_score(fake, prompts, *clip)

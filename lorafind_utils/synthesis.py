@@ -27,7 +27,10 @@ from .config import load_catalog, resolve
 from .files import atomic_path, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
 from .loras import check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
-from .parallel import resolve_workers, run_jobs, torch_threads
+from .parallel import job_threads, resolve_workers, run_jobs, torch_threads
+
+#: every pipeline's scheduler (diffusers class name): UniPC, as diffusers recommends for ControlNet
+SCHEDULER = "UniPCMultistepScheduler"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -95,7 +98,8 @@ def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "
     The scheduler is UniPC (from the checkpoint's own scheduler config), as
     diffusers recommends for ControlNet at ~20 steps.
     """
-    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, UniPCMultistepScheduler
+    import diffusers
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
 
     quiet_libraries()
     base, cn = prepare_models(cfg)
@@ -105,9 +109,22 @@ def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "
     pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
         base, controlnet=controlnet, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
     )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SCHEDULER).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def base_skeletons(cfg: dict):
+    """The profile's UNet and text encoder on the meta device, built from their configs alone
+    (no weights read): enough to check a LoRA's module names and shapes."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    base, _ = prepare_models(cfg)
+    unet_cfg = UNet2DConditionModel.load_config(base, subfolder="unet")
+    te_cfg = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(unet_cfg), CLIPTextModel(te_cfg)
 
 
 @dataclass
@@ -218,19 +235,21 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     out_dir.mkdir(parents=True, exist_ok=True)
     catalog = prepare_loras(cfg)
     given_pipe = pipe is not None
-    if pipe is None:
-        pipe = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
-    # Every LoRA is checked against the base model before the first image is made.
+    # Every LoRA is checked against the base model before the first image is made (on the
+    # models' skeletons: the pipeline is loaded only where it restyles, here or in workers).
+    unet, text_encoder = (pipe.unet, pipe.text_encoder) if given_pipe else base_skeletons(cfg)
     infos = {}
     for e in catalog:
         info = inspect_lora(e["path"])
-        check_lora_against_model(info, pipe.unet, pipe.text_encoder)
+        check_lora_against_model(info, unet, text_encoder)
         infos[e["slug"]] = info
+    del unet, text_encoder
     run_params = {k: params[k] for k in SYNTH_KEYS if k in params}
     run_params.update(
         sets=list(params["sets"]), max_images=int(params.get("max_images", 0)), prompt="",
         base_model=cfg["models"]["base"], controlnet=cfg["models"]["controlnet"], lora_weight=1.0,
-        loras=[e["slug"] for e in catalog], scheduler=type(pipe.scheduler).__name__,
+        loras=[e["slug"] for e in catalog],
+        scheduler=type(pipe.scheduler).__name__ if given_pipe else SCHEDULER,
         # CPU: torch threads per job. Another count sums in another order, and the random tiny
         # UNet can amplify that into visible differences, so it is a parameter of the images.
         threads=int(params.get("threads", 1)),
@@ -271,14 +290,16 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
                     todo[e["slug"]].append((x, rel, s))
     todo = {slug: mine for slug, mine in todo.items() if mine}
     entries = {e["slug"]: e for e in catalog}
-    on_cpu = str(pick_device(cfg.get("device", "auto"))) == "cpu"
-    threads = run_params["threads"] if on_cpu else None
+    device = str(pick_device(cfg.get("device", "auto")))
+    threads = job_threads(device, run_params["threads"])
     if workers is None:
         workers = 1 if given_pipe else params.get("workers", "auto")
-    workers = resolve_workers(workers, "cpu" if on_cpu else "cuda", len(todo), threads)
+    workers = resolve_workers(workers, device, len(todo), threads)
     bar = tqdm(total=sum(map(len, todo.values())), desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
                unit="img", disable=not progress)
     if workers == 1:
+        if todo and pipe is None:
+            pipe = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
         with torch_threads(threads):
             for slug, mine in todo.items():
                 restyle_with_lora(pipe, entries[slug], mine, params, out_dir, on_batch=bar.update)

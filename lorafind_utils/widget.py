@@ -43,7 +43,7 @@ class RankWidget:
         self.cfg = cfg
         self.run_name = run_name
         self.catalog = load_catalog(cfg)
-        self.short = {e["slug"]: e["short"] for e in self.catalog}
+        self.entries = {e["slug"]: e for e in self.catalog}
         self.sample_set = sample_set
         self._ranker = None
         self._pipe = None
@@ -200,7 +200,7 @@ class RankWidget:
             self._say(str(e), error=True)
             return
         slug = self.lora.value
-        entry = next(e for e in self.catalog if e["slug"] == slug)
+        entry = self.entries[slug]
         self.generate_button.disabled = True
         self.progress.layout.visibility = "visible"
         # img2img runs steps x strength denoising steps; +1 for loading

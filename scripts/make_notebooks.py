@@ -125,13 +125,14 @@ train_set: str = "variety"  # restyled set to train on
 workers: str = "auto"  # CPU: runs trained at once (auto: cores divided by threads); 1 on a GPU
 threads: int = 1  # CPU: torch threads per run (recorded with the run; another count trains again)"""),
         ("code", """from lorafind_utils import load_profile, resolve
-from lorafind_utils.ablation import ablation_plot, run_settings, summarize, write_results
+from lorafind_utils.ablation import ablation_plot, run_settings, summarize
+from lorafind_utils.files import write_csv_atomic
 
 cfg = load_profile(profile, overrides)
 figures_dir = resolve(cfg["figures_dir"])
 runs = run_settings(cfg, [(train_set, n) for n in sizes], seeds, epochs=epochs, patience=patience, workers=workers,
                     threads=threads)
-print("results:", write_results(runs, resolve(cfg["runs_dir"]) / "ablate" / "sizes.csv"))
+print("results:", write_csv_atomic(runs, resolve(cfg["runs_dir"]) / "ablate" / "sizes.csv"))
 print(f"{int((~runs['reused']).sum())} runs trained, {int(runs['reused'].sum())} reused; "
       f"training time {runs['train_seconds'].sum():.0f} s; backbone {runs['backbone'].iloc[0]}")"""),
         ("md", "## Mean ± sd over seeds (percent)"),
@@ -162,13 +163,14 @@ threads: int = 1  # CPU: torch threads per run (the same as stage 03 reuses its 
 import pandas as pd
 
 from lorafind_utils import load_profile, resolve, stage_params
-from lorafind_utils.ablation import domain_plot, run_settings, summarize, table2, write_results, write_table2
+from lorafind_utils.ablation import domain_plot, run_settings, summarize, table2, write_table2
+from lorafind_utils.files import write_csv_atomic
 
 cfg = load_profile(profile, overrides)
 runs_dir, figures_dir = resolve(cfg["runs_dir"]), resolve(cfg["figures_dir"])
 runs = run_settings(cfg, [(domain_set, n), (variety_set, n)], seeds, epochs=epochs, patience=patience, workers=workers,
                     threads=threads)
-print("results:", write_results(runs, runs_dir / "ablate" / "domain.csv"))
+print("results:", write_csv_atomic(runs, runs_dir / "ablate" / "domain.csv"))
 assert set(runs[runs["train_set"] == domain_set]["val_set"]) == {variety_set}
 summarize(runs).round(2)"""),
         ("code", """fig = domain_plot(runs, figures_dir / "domain_vs_variety.png",
@@ -336,8 +338,9 @@ res = run_sweep(cfg, params)
 print(f"{res['n_train']} training / {res['n_heldout']} held-out style images from {res['style_dir']}")
 for r, sps in res["steps_per_s"].items():
     h = res["histories"][r]
-    first, last = sum(x["loss"] for x in h[:20]) / 20, sum(x["loss"] for x in h[-20:]) / 20
-    print(f"rank {r}: {sps:.2f} steps/s; loss {first:.3f} (first 20 steps) -> {last:.3f} (last 20)")
+    k = min(20, len(h))
+    first, last = sum(x["loss"] for x in h[:k]) / k, sum(x["loss"] for x in h[-k:]) / k
+    print(f"rank {r}: {sps:.2f} steps/s; loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k})")
 print("catalog with the trained LoRAs:", res["catalog"])"""),
         ("md", "## Rank sweep table (mean ± sd over seeds)"),
         ("code", """table = sweep_table(res["rows"])

@@ -183,9 +183,17 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_error_is_a_value_error_so_the_cli_exits_2():
-    assert issubclass(FetchError, ValueError)
-    assert issubclass(HashMismatchError, FetchError) and issubclass(DiskFullError, FetchError)
+def test_fetch_errors_make_the_cli_exit_2_with_the_message(monkeypatch, capsys):
+    import lorafind_utils.fetch as fetch_mod
+    from lorafind_utils.cli import main
+
+    for err in (FetchError("anime: HTTP 404"), HashMismatchError("anime: SHA-256 mismatch"), DiskFullError("disk full")):
+        def failing(cfg, what=None, err=err):
+            raise err
+
+        monkeypatch.setattr(fetch_mod, "fetch", failing)
+        assert main(["fetch", "--profile", "paper"]) == 2
+        assert capsys.readouterr().err.strip() == f"lorafind: error: {err}"
 
 
 def test_redirect_is_followed_and_file_verified(base, server, tmp_path):

@@ -158,6 +158,18 @@ def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_a_shift():
     assert shifted == pytest.approx(3 * (d / 255) ** 2, rel=1e-3)
 
 
+def test_one_real_set_scored_against_many_sets_equals_fresh_metrics():
+    """FidKid keeps the real set's features across calls: each call equals a fresh fid_kid."""
+    from lorafind_utils.style_metrics import FidKid, fid_kid
+
+    a = _imgs(12, 0)
+    fk = FidKid(a, TinyFeatures(), subset_size=6)
+    fakes = [_imgs(12, 3, 30), _imgs(12, 0), _imgs(8, 7, 60)]
+    got = [fk(f) for f in fakes]
+    assert got == [fid_kid(a, f, TinyFeatures(), 6) for f in fakes]
+    assert got[1]["fid"] < got[0]["fid"] < got[2]["fid"]  # not a stale generated set
+
+
 def test_inception_score_known_cases():
     from lorafind_utils.style_metrics import inception_score
 
