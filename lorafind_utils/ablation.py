@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 
 
-from .config import resolve, stage_params
+from . import layout
+from .config import stage_params
 from .files import write_csv_atomic, write_markdown_table
 from .finetune import BACKBONE_LABELS, PAPER_TABLE2, run_finetune
+from .metrics import RUN_METRICS
 
-METRICS = ("accuracy", "macro_f1", "mrr", "top3_accuracy")
+METRICS = RUN_METRICS
 
 
 def run_name(train_set: str, n: int, seed: int) -> str:
@@ -29,53 +31,52 @@ def synth_signature(cfg: dict) -> str:
     (or another catalog) changes it, and finished runs are then trained again."""
     import hashlib
 
-    manifest = resolve(cfg["runs_dir"]) / "synth" / "manifest.json"
+    manifest = layout.synth_manifest(layout.synth_dir(cfg))
     return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
 
 
-def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None = None,
-                   patience: int | None = None, threads: int | None = None, synth_sig: str | None = None) -> dict:
-    """Stage 02's parameters for one ablation run (same validation set, no probe, no checkpoint).
+def setting_params(cfg: dict, train_set: str, n: int, seed: int, epochs: int | None, patience: int | None,
+                   threads: int | None, synth_sig: str) -> tuple[dict, dict]:
+    """Stage 02's parameters for one ablation run (same validation set, no probe), and the facts
+    beside them that identify the run.
 
-    ``threads`` (torch threads on CPU) is part of the parameters: CPU training sums in a
-    different order with another thread count, so the numbers agree only to float precision.
-    ``synth_sig``: :func:`synth_signature` (computed here when not given).
+    ``threads`` (torch threads on CPU) identifies the run: CPU training sums in a different order
+    with another thread count, so the numbers agree only to float precision. ``synth_sig``:
+    :func:`synth_signature`.
+    :return: (stage-02 parameters, {"threads", "synth_manifest"}).
     """
-    p = dict(stage_params(cfg, "02_finetune"))
-    p.update(train_set=train_set, n_train=int(n), seed=int(seed), subset_seed=int(seed), run_name=run_name(train_set, n, seed),
-             linear_probe=False, save_model=False,
-             synth_manifest=synth_signature(cfg) if synth_sig is None else synth_sig)
-    if epochs is not None:
+    p = stage_params(cfg, "02_finetune")
+    p.update(train_set=train_set, n_train=int(n), seed=int(seed), run_name=run_name(train_set, n, seed), linear_probe=False)
+    if epochs is not None:  # None: stage 02's
         p["epochs"] = int(epochs)
     if patience is not None:
         p["patience"] = int(patience)
-    if threads is not None:
-        p["threads"] = int(threads)
-    return p
+    return p, {"threads": threads, "synth_manifest": synth_sig}
 
 
-def _finished(out_dir: Path, p: dict) -> dict | None:
-    f = out_dir / "metrics.json"
+def _finished(out_dir: Path, p: dict, record: dict) -> dict | None:
+    f = layout.metrics_file(out_dir)
     if not f.exists():
         return None
     try:
         m = json.loads(f.read_text())
     except json.JSONDecodeError:  # half-written by a killed run: train again
         return None
-    return m if m.get("params") == json.loads(json.dumps(p)) else None
+    same = m.get("params") == json.loads(json.dumps(p)) and m.get("run") == json.loads(json.dumps(record))
+    return m if same else None
 
 
 def _train_setting(job: tuple) -> dict:
     """One ablation run (a worker's job): stage 02's training and evaluation."""
-    cfg, p, out = job  # run_jobs gives it p["threads"] torch threads
-    return run_finetune(cfg, p, out_dir=out, progress=False)["metrics"]
+    cfg, p, record, out = job  # run_jobs gives it record["threads"] torch threads
+    return run_finetune(cfg, p, out_dir=out, progress=False, save_model=False, record=record)["metrics"]
 
 
 def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], epochs: int | None = None,
-                 patience: int | None = None, reuse: bool = True, progress: bool = True, workers="auto",
-                 threads: int | None = 1):
+                 patience: int | None = None, reuse: bool = True, progress: bool = True, workers="auto", threads: int | None = 1):
     """Train and evaluate every (train set, images per class) x seed; one row per run.
 
+    :param epochs: ``patience``: per run (None: stage 02's, like every other training setting).
     :param reuse: take a finished run with identical parameters from disk instead of training.
     :param workers: runs trained at once on CPU (``auto``: cores / threads); 1 on a GPU.
     :param threads: torch threads per run on CPU (recorded; None on CPU = this process's count).
@@ -85,16 +86,15 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from .models import profile_device
     from .parallel import job_threads, resolve_workers, run_jobs
-    from .synthesis import pick_device
 
-    device = str(pick_device(cfg.get("device", "auto")))
+    device = profile_device(cfg)
     threads = job_threads(device, threads)
-    train_root = resolve(cfg["runs_dir"]) / "train"
     jobs = [(s, int(n), int(seed)) for s, n in settings for seed in seeds]
     sig = synth_signature(cfg)
-    params = [setting_params(cfg, s, n, seed, epochs, patience, threads, sig) for s, n, seed in jobs]
-    found = [_finished(train_root / p["run_name"], p) if reuse else None for p in params]
+    runs = [setting_params(cfg, s, n, seed, epochs, patience, threads, sig) for s, n, seed in jobs]
+    found = [_finished(layout.train_dir(cfg, p["run_name"]), p, rec) if reuse else None for p, rec in runs]
     todo = [i for i, m in enumerate(found) if m is None]
     workers = resolve_workers(workers, device, len(todo), threads)
 
@@ -109,22 +109,22 @@ def run_settings(cfg: dict, settings: list[tuple[str, int]], seeds: list[int], e
 
     # longest first (most images), so that the workers finish together
     order = sorted(range(len(todo)), key=lambda k: -jobs[todo[k]][1])
-    trained = run_jobs(_train_setting, [(cfg, params[i], train_root / params[i]["run_name"]) for i in todo],
+    trained = run_jobs(_train_setting, [(cfg, *runs[i], layout.train_dir(cfg, runs[i][0]["run_name"])) for i in todo],
                        workers=workers, threads=threads, on_done=done, order=order)
     bar.close()
     for i, m in zip(todo, trained):
         found[i] = m
     rows = []
     trained_here = set(todo)
-    for i, ((train_set, n, seed), p, m) in enumerate(zip(jobs, params, found)):
-        out = train_root / p["run_name"]
-        split = json.loads((out / "split.json").read_text())
+    for i, ((train_set, n, seed), (p, rec), m) in enumerate(zip(jobs, runs, found)):
+        out = layout.train_dir(cfg, p["run_name"])
+        split = json.loads(layout.split_file(out).read_text())
         row = {"train_set": train_set, "n": n, "seed": seed, "val_set": p["val_set"], "epochs": int(p["epochs"]),
                "backbone": m["backbone_name"], "n_train_images": m["n_train"], "n_val_images": m["n_val"]}
         row.update({k: m["finetuned"][k] for k in METRICS})
         row.update({f"pretrained_{k}": m["pretrained"][k] for k in METRICS})
         row.update(best_epoch=m["finetuned"]["best_epoch"], epochs_run=m["finetuned"]["epochs_run"],
-                   train_seconds=m["finetuned"]["train_seconds"], threads=p.get("threads"), reused=i not in trained_here,
+                   train_seconds=m["finetuned"]["train_seconds"], threads=rec["threads"], reused=i not in trained_here,
                    val_ids="|".join(split["val_ids"]), run_dir=str(out))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -137,47 +137,6 @@ def summarize(df):
     out = (100 * g.mean()).add_suffix("_mean").join((100 * g.std(ddof=1)).add_suffix("_sd"))
     out["runs"] = g.size()
     return out.reset_index()
-
-
-def ablation_plot(df, path: str | Path, title: str = ""):
-    """Each metric against images per class, mean with sd error bars over seeds (seaborn)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from .figures import _save
-
-    long = df.melt(id_vars=["n", "seed"], value_vars=list(METRICS), var_name="metric", value_name="value")
-    long["value"] *= 100
-    long["metric"] = long["metric"].map({"accuracy": "accuracy", "macro_f1": "macro-F1", "mrr": "MRR",
-                                         "top3_accuracy": "top-3 accuracy"})
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.pointplot(data=long, x="n", y="value", hue="metric", errorbar="sd", capsize=0.15, dodge=0.3, ax=ax,
-                  native_scale=True)
-    k = int(df["n_val_images"].iloc[0]) // len(str(df["val_ids"].iloc[0]).split("|"))  # LoRAs = images per base image
-    chance = 100 / k
-    ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.1f} %)")
-    ax.set_xlabel("training images per class (base images)")
-    ax.set_ylabel("percent (mean ± sd over seeds)")
-    ax.set_title(title or "Training-size ablation")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def domain_plot(df, path: str | Path, title: str = ""):
-    """Faces vs variety at equal size: bars with sd error bars per metric."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from .figures import _save
-
-    long = df.melt(id_vars=["train_set", "seed"], value_vars=list(METRICS), var_name="metric", value_name="value")
-    long["value"] *= 100
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    sns.barplot(data=long, x="metric", y="value", hue="train_set", errorbar="sd", capsize=0.1, ax=ax)
-    ax.set_ylabel("percent (mean ± sd over seeds)")
-    ax.set_xlabel("")
-    ax.set_title(title or "Domain (faces) vs variety, equal size, same validation set")
-    return _save(fig, path)
 
 
 def _paper_cell(v) -> str:
@@ -252,9 +211,7 @@ def table2(sizes, domain, baseline_metrics: dict | None = None, val_desc: str = 
 
 def write_table2(df, stem: str | Path, title: str = "") -> dict:
     """``<stem>.csv`` (numbers), ``<stem>.md`` and ``<stem>.png`` (mean ± sd; paper values apart)."""
-    import matplotlib.pyplot as plt
-
-    from .figures import _save
+    from .figures import table_png
 
     stem = Path(stem)
     write_csv_atomic(df, stem.with_suffix(".csv"))
@@ -269,14 +226,6 @@ def write_table2(df, stem: str | Path, title: str = "") -> dict:
           "shown apart and never mixed in; — = not reported (its baseline's Macro-F1 is NaN, from " \
           "0/0 precision of never-predicted classes, which we count as 0). Runs: the `runs` column of the CSV names each run's folder under " \
           "`runs/<profile>/train/`.")
-    fig, ax = plt.subplots(figsize=(15, 0.45 * len(cells) + 1.2))
-    ax.axis("off")
-    t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")
-    t.auto_set_font_size(False)
-    t.set_fontsize(8)
-    t.auto_set_column_width(list(range(len(head))))
-    for j in range(len(head)):
-        t[0, j].set_facecolor("#e8e8e8" if j < 8 else "#fbe9d0")
-    ax.set_title(title or "Table 2 (ours: mean ± sd over seeds; paper: its single runs, orange columns)", fontsize=10)
-    _save(fig, stem.with_suffix(".png"))
+    table_png(cells, head, stem.with_suffix(".png"), title or "Table 2 (ours: mean ± sd over seeds; paper: its single runs, orange columns)",
+              highlight_cols={j: "#e8e8e8" if j < 8 else "#fbe9d0" for j in range(len(head))})
     return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md")), "png": str(stem.with_suffix(".png"))}

@@ -16,17 +16,19 @@ def bench_synth(cfg: dict, n_images: int = 8, n_loras: int = 3, batch_size: int 
     Ours: each LoRA loaded once, guidance skipped (empty prompt), batched.
     Both are warmed up first; outputs are compared to show they are the same images.
     """
-    from .config import resolve, stage_params
+    from . import layout
+    from .config import stage_params
     from .images import read_base_set
     from .loras import load_lora
-    from .synthesis import item_seed, load_pipeline, prepare_base_images, prepare_loras, restyle
+    from .models import load_pipeline, prepare_loras
+    from .synthesis import item_seed, prepare_base_images, restyle
 
     p = stage_params(cfg, "01_synthesize")
     if steps:
         p["steps"] = steps
     catalog = prepare_loras(cfg)[:n_loras]
-    pipe = load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
-    imgs = read_base_set(resolve(cfg["base_images"]["variety"]))[:n_images]
+    pipe = load_pipeline(cfg, cfg["device"], p["dtype"])
+    imgs = read_base_set(layout.base_set_dir(cfg, "variety"))[:n_images]
     prepared, _ = prepare_base_images(imgs, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
     seeds = {(e["slug"], x.image.id): item_seed(int(p["seed"]), e["slug"], x.image.id) for e in catalog for x in prepared}
 
@@ -90,13 +92,14 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from .classifier import _augment, _normalize, build_model, load_synth_set, set_trainable
-    from .config import load_catalog, resolve, stage_params
+    from .classifier import augment_batch, build_model, normalize, load_synth_set, set_trainable
+    from . import layout
+    from .config import load_catalog, stage_params
 
     p = stage_params(cfg, "02_finetune")
-    arch = backbone or p.get("backbone", "resnet50")
+    arch = backbone or p["backbone"]
     size = int(p["image_size"])
-    synth = resolve(cfg["runs_dir"]) / "synth"
+    synth = layout.synth_dir(cfg)
     classes = [e["slug"] for e in load_catalog(cfg)]
     torch.manual_seed(0)
 
@@ -114,7 +117,7 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
 
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     # (both models normalise their input themselves, for their backbone)
-    folder = datasets.ImageFolder(str(synth / "variety"), transform=tf)
+    folder = datasets.ImageFolder(str(layout.synth_set_dir(synth, "variety")), transform=tf)
     idx = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:n_images].tolist()
     loader = DataLoader(Subset(folder, idx), batch_size=batch_size, shuffle=True, num_workers=0)
     m, opt = fresh()
@@ -134,13 +137,13 @@ def bench_train(cfg: dict, n_images: int = 384, batch_size: int = 32, epochs: in
     m, opt = fresh()
     m = m.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
-    step(m, opt, _normalize(xs[:batch_size]), ys[:batch_size])  # warm-up
+    step(m, opt, normalize(xs[:batch_size]), ys[:batch_size])  # warm-up
     t = time.perf_counter()
     for _ in range(epochs):
         perm = torch.randperm(len(ys), generator=g)
         for i in range(0, len(perm), batch_size):
             b = perm[i : i + batch_size]
-            step(m, opt, _normalize(_augment(xs[b], g)), ys[b])
+            step(m, opt, normalize(augment_batch(xs[b], g)), ys[b])
     t_ours = time.perf_counter() - t
     n = n_images * epochs
     res = {"images_per_epoch": n_images, "epochs": epochs, "image_size": size,
@@ -164,13 +167,12 @@ def bench_rank(cfg: dict, n_queries: int = 64, repeats: int = 3, log=print) -> d
     """
     import statistics
 
-    from .config import resolve
+    from . import layout
     from .retrieval import Ranker
-    from .synthesis import read_manifest
 
     ranker = Ranker.from_profile(cfg)
-    synth = resolve(cfg["runs_dir"]) / "synth"
-    files = [synth / it["file"] for it in read_manifest(synth)["items"]][:n_queries]
+    synth = layout.synth_dir(cfg)
+    files = [synth / it["file"] for it in layout.read_synth_manifest(synth)["items"]][:n_queries]
     if not files:
         raise FileNotFoundError(f"no stage-01 images in {synth}")
     ranker.rank(files[:2])  # warm-up
@@ -213,27 +215,27 @@ def bench_workers(cfg: dict, runs: int = 4, n: int = 70, epochs: int = 5, images
     import tempfile
     from pathlib import Path
 
+    from . import layout
     from .ablation import run_settings
-    from .config import resolve, stage_params
+    from .config import stage_params
     from .synthesis import synthesize
 
     cores = os.cpu_count() or 1
-    synth = resolve(cfg["runs_dir"]) / "synth"
-    if not (synth / "manifest.json").exists():
-        raise FileNotFoundError(f"{synth}/manifest.json not found: run stage 01 first (`lorafind synthesize`)")
+    synth = layout.synth_dir(cfg)
+    layout.read_synth_manifest(synth)  # stage 01 must have finished
     res = {"cores": cores}
     with tempfile.TemporaryDirectory(prefix="lorafind-bench-") as tmp:
         runs_dir = Path(tmp) / "runs"
         runs_dir.mkdir()
-        (runs_dir / "synth").symlink_to(synth.resolve(), target_is_directory=True)
         bcfg = {**cfg, "runs_dir": str(runs_dir)}
+        layout.synth_dir(bcfg).symlink_to(synth.resolve(), target_is_directory=True)
         timings = {}
         if "train" in parts:
             settings = [("variety", n)]
             seeds = list(range(runs))
             for label, kw in (("one process", dict(workers=1, threads=cores)), ("workers", dict(workers="auto", threads=1))):
                 t = time.perf_counter()
-                run_settings(bcfg, settings, seeds, epochs=epochs, reuse=False, progress=False, **kw)
+                run_settings(bcfg, settings, seeds, epochs=epochs, patience=epochs, reuse=False, progress=False, **kw)
                 timings[label] = time.perf_counter() - t
             img = runs * n * 12 * epochs
             res["train"] = {"runs": runs, "images_per_run": n * 12 * epochs,

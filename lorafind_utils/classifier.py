@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import layout
 from .files import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -190,7 +191,7 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64,
         m.momentum = None
     model.to(device).train()
     for i in range(0, len(x), batch_size):
-        model(_normalize(x[i : i + batch_size].to(device)))
+        model(normalize(x[i : i + batch_size].to(device)))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()
@@ -252,10 +253,8 @@ def load_synth_set(synth_dir: str | Path, set_name: str, classes: list[str], ima
     """
     from PIL import Image
 
-    from .synthesis import read_manifest
-
     synth_dir = Path(synth_dir)
-    man = read_manifest(synth_dir)
+    man = layout.read_synth_manifest(synth_dir)
     if set_name not in man["sets"]:
         raise ValueError(f"set '{set_name}' was not synthesized (have: {sorted(man['sets'])}); rerun stage 01 with it")
     made = [e["slug"] for e in man["loras"]]
@@ -264,7 +263,7 @@ def load_synth_set(synth_dir: str | Path, set_name: str, classes: list[str], ima
     ids = man["sets"][set_name]
     xs, ys, groups, files = [], [], [], []
     for k, slug in enumerate(classes):
-        folder = synth_dir / set_name / slug
+        folder = layout.synth_class_dir(synth_dir, set_name, slug)
         if not folder.is_dir() or not any(folder.iterdir()):
             raise FileNotFoundError(f"class folder {folder} is missing or empty; rerun stage 01")
         on_disk = {p.stem for p in folder.glob("*.png")}
@@ -272,14 +271,14 @@ def load_synth_set(synth_dir: str | Path, set_name: str, classes: list[str], ima
         if missing:
             raise ValueError(f"{folder}: {len(missing)} images in the manifest are missing (e.g. {missing[0]}.png)")
         for i in ids:
-            with Image.open(folder / f"{i}.png") as im:
+            with Image.open(layout.synth_image(synth_dir, set_name, slug, i)) as im:
                 im = im.convert("RGB")
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
                 xs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             ys.append(k)
             groups.append(i)
-            files.append(f"{set_name}/{slug}/{i}.png")
+            files.append(layout.synth_rel(set_name, slug, i))
     return ImageSet(torch.stack(xs), torch.tensor(ys), groups, list(classes), files)
 
 
@@ -300,7 +299,7 @@ def rows_for(data: ImageSet, ids: list[str]) -> list[int]:
     return [i for i, g in enumerate(data.groups) if g in keep]
 
 
-def _normalize(xb: torch.Tensor, size: int | None = None) -> torch.Tensor:
+def normalize(xb: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> float in [0, 1], channels_last (the model normalizes for its backbone)."""
     x = xb.float().div_(255)
     if size and x.shape[-1] != size:
@@ -308,7 +307,7 @@ def _normalize(xb: torch.Tensor, size: int | None = None) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_batch(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Flip + shift by up to 4 px (reflect pad + crop), seeded; keeps colour and texture."""
     n, _, h, w = xb.shape
     flip = torch.rand(n, generator=g) < 0.5
@@ -331,7 +330,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str
     out = []
     amp = device != "cpu" and torch.cuda.is_available()
     for i in range(0, len(x), batch_size):
-        xb = _normalize(x[i : i + batch_size].to(device), size)
+        xb = normalize(x[i : i + batch_size].to(device), size)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             out.append(model(xb).float().softmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -351,7 +350,7 @@ class TrainResult:
 def features(model: nn.Module, x: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
     """Pooled backbone features (the head's input) for uint8 images."""
     model.eval()
-    return torch.cat([model.features(_normalize(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model.features(normalize(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)])
 
 
 def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = "finetune", epochs: int = 15,
@@ -383,8 +382,8 @@ def train(model: nn.Module, train_set: ImageSet, val_set: ImageSet, mode: str = 
         net = model
 
         def batch(idx):
-            xb = _augment(train_set.x[idx], g) if augment else train_set.x[idx]
-            return _normalize(xb.to(device))
+            xb = augment_batch(train_set.x[idx], g) if augment else train_set.x[idx]
+            return normalize(xb.to(device))
 
         def val_probs():
             return predict(model, val_set.x, device=device)
@@ -445,12 +444,12 @@ def save_checkpoint(model: nn.Module, classes: list[str], out_dir: str | Path, m
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
+    with atomic_path(layout.model_file(out_dir)) as tmp:
         save_file(sd, str(tmp))
     labels = {"classes": list(classes), "backbone_name": getattr(model, "backbone_name", "resnet50"), **(meta or {})}
-    with atomic_path(out_dir / "labels.json") as tmp:
+    with atomic_path(layout.labels_file(out_dir)) as tmp:
         tmp.write_text(json.dumps(labels, indent=2))
-    return out_dir / "model.safetensors"
+    return layout.model_file(out_dir)
 
 
 def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None, device: str = "cpu") -> tuple[nn.Module, dict]:
@@ -459,8 +458,8 @@ def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None
     :raises CheckpointError: the label map does not match the catalog (names the differences).
     """
     ckpt_dir = Path(ckpt_dir)
-    lab_path = ckpt_dir / "labels.json"
-    if not lab_path.exists() or not (ckpt_dir / "model.safetensors").exists():
+    lab_path = layout.labels_file(ckpt_dir)
+    if not lab_path.exists() or not layout.model_file(ckpt_dir).exists():
         raise FileNotFoundError(f"no trained classifier in {ckpt_dir} (run stage 02: `lorafind train`)")
     labels = json.loads(lab_path.read_text())
     classes = labels["classes"]
@@ -476,7 +475,7 @@ def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None
     if backbone not in BACKBONES:
         raise CheckpointError(f"{ckpt_dir}: unknown backbone '{backbone}' in labels.json (have: {', '.join(BACKBONES)})")
     model = build_model(len(classes), hidden=int(labels.get("hidden", 512)), weights="none", backbone=backbone)
-    model.load_state_dict(load_state_dict(ckpt_dir / "model.safetensors"))
+    model.load_state_dict(load_state_dict(layout.model_file(ckpt_dir)))
     return model.to(device).eval(), labels
 
 

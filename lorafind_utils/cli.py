@@ -28,58 +28,58 @@ def cmd_study(args):
     run_study(args.profile, only=args.only, start=getattr(args, "from"), overrides=_overrides(args))
 
 
-def cmd_synthesize(args):
+def _stage_args(args, stage: str, keys: tuple[str, ...]) -> tuple[dict, dict, str]:
+    """The profile, the stage's parameters with the command line's values over them, and where they came from."""
+    from .config import load_profile, stage_params
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, stage)
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    p.update(given)
+    source = f"profile {args.profile}" + (f" + command line ({', '.join(given)})" if given else "")
+    return cfg, p, source
+
+
+def _agg():
     import matplotlib
 
     matplotlib.use("Agg")
-    from .config import load_profile, resolve, stage_params
-    from .figures import synthesis_grid
-    from .synthesis import synthesize
 
-    cfg = load_profile(args.profile, _overrides(args))
-    p = stage_params(cfg, "01_synthesize")
-    if args.sets:
-        p["sets"] = args.sets
-    if args.max_images is not None:
-        p["max_images"] = args.max_images
-    man = synthesize(cfg, p)
-    synth = resolve(cfg["runs_dir"]) / "synth"
-    for s in p["sets"]:
-        out = resolve(cfg["figures_dir"]) / f"synthesis_grid_{s}.png"
-        synthesis_grid(man, synth, resolve(cfg["base_images"][s]), s, out_png=out)
-        print(f"grid: {out}")
-    print(f"{len(man['items'])} images in {synth} ({len(man['skipped'])} base images skipped)")
+
+def cmd_synthesize(args):
+    _agg()
+    from . import stages
+
+    cfg, p, source = _stage_args(args, "01_synthesize", ("sets", "max_images"))
+    res = stages.synthesize(cfg, p, source)
+    for f in res["figures"]:
+        print(f"grid: {f}")
 
 
 def cmd_train(args):
-    import matplotlib
+    _agg()
+    from . import stages
 
-    matplotlib.use("Agg")
-    from .config import load_catalog, load_profile, resolve, stage_params
-    from .figures import confusion_heatmap, training_curves
-    from .finetune import PAPER_TABLE2, run_finetune, table2_rows, write_table
+    cfg, p, source = _stage_args(args, "02_finetune", ("epochs", "n_train", "train_set"))
+    res = stages.finetune(cfg, p, source)
+    print(res["table"].to_string(index=False))
+    print(f"artifacts: {res['out_dir']}; figures: {', '.join(map(str, res['figures']))}")
 
-    cfg = load_profile(args.profile, _overrides(args))
-    p = stage_params(cfg, "02_finetune")
-    for k in ("epochs", "n_train", "train_set"):
-        if getattr(args, k) is not None:
-            p[k] = getattr(args, k)
-    res = run_finetune(cfg, p)
-    m = res["metrics"]
-    fig_dir = resolve(cfg["figures_dir"])
-    rows = table2_rows(m, f"{m['train_base_images']} {p['train_set']} images", f"{m['val_base_images']} {p['val_set']} images")
-    df = write_table(rows, fig_dir / "table2_rows12", paper=PAPER_TABLE2)
-    training_curves(res["history"], m["finetuned"]["best_epoch"], fig_dir / "figure6_curves.png")
-    confusion_heatmap(m["finetuned"]["confusion_matrix"], [e["short"] for e in load_catalog(cfg)], fig_dir / "confusion_matrix.png")
-    print(f"backbone: {m['backbone']}")
-    print(df.to_string(index=False))
-    print(f"artifacts: {res['out_dir']}; figures: {fig_dir}")
+
+def cmd_stage(args):
+    _agg()
+    from . import stages
+
+    name = stages.stage_name(args.stage)
+    cfg, p, source = _stage_args(args, name, ())
+    res = stages.run(name, cfg, p, source)
+    print("figures: " + ", ".join(map(str, res.get("figures", []))))
 
 
 def cmd_lora_check(args):
     from .config import load_profile
     from .loras import check_lora_against_model, inspect_lora
-    from .synthesis import base_skeletons, quiet_libraries
+    from .models import base_skeletons, quiet_libraries
 
     quiet_libraries()
     cfg = load_profile(args.profile)
@@ -91,25 +91,12 @@ def cmd_lora_check(args):
 
 
 def cmd_train_lora(args):
-    import matplotlib
+    _agg()
+    from . import stages
 
-    matplotlib.use("Agg")
-    from .config import load_profile, resolve, stage_params
-    from .lora_training import run_sweep, sweep_table, write_sweep_table
-
-    cfg = load_profile(args.profile, _overrides(args))
-    p = stage_params(cfg, "07_train_style_lora")
-    for k in ("style_dir", "style_name", "caption_template", "ranks", "steps", "lr", "alpha", "batch_size", "seed"):
-        if getattr(args, k, None) is not None:
-            p[k] = getattr(args, k)
-    res = run_sweep(cfg, p)
-    out = write_sweep_table(sweep_table(res["rows"]), resolve(cfg["figures_dir"]) / "style_lora_ranks",
-                            f"FID/KID/IS network: {res['feature_net']}; LPIPS backbone: {res['lpips_backbone']}; "
-                            f"CLIP: {res['clip_model']}")
-    for r, sps in res["steps_per_s"].items():
-        h = res["histories"][r]
-        print(f"rank {r}: {sps:.2f} steps/s, loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}")
-    print(open(out["md"]).read())
+    cfg, p, source = _stage_args(args, "07_train_style_lora", ("style_dir", "style_name", "caption_template", "ranks",
+                                                             "steps", "lr", "alpha", "batch_size", "seed"))
+    res = stages.train_style_lora(cfg, p, source)
     print(f"LoRAs (diffusers + kohya layouts) and catalog: {res['catalog']}")
 
 
@@ -150,13 +137,13 @@ def cmd_rank(args):
 def cmd_generate(args):
     from .config import load_profile, stage_params
     from .generation import generate, prepare_base, resolve_lora
-    from .synthesis import load_pipeline
+    from .models import load_pipeline
 
     cfg = load_profile(args.profile, _overrides(args))
     p = stage_params(cfg, "01_synthesize")
     lora = resolve_lora(cfg, args.lora)
     base = prepare_base(args.image, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
-    pipe = load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
+    pipe = load_pipeline(cfg, cfg["device"], p["dtype"])
     im = generate(pipe, lora, base, args.seed, p, prompt=args.prompt or "")
     from pathlib import Path
 
@@ -208,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-set", help="restyled set to train on (default: the profile's)")
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("stage", help="run one stage of the study without Jupyter (what its notebook runs)")
+    p.add_argument("stage", help="stage number or name, e.g. 03 or 03_ablate_sizes")
+    _profile_arg(p)
+    p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("train-lora", help="train a style LoRA per rank from a folder of images, and score them")
     _profile_arg(p)

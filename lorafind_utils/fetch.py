@@ -1,69 +1,36 @@
-"""Downloads for the paper profile: the 12 Civitai LoRAs, the SD1.5 + ControlNet models, ResNet50 weights,
-and the LoRAs' Civitai preview images (the stage-05 query "thumbnails").
-
-``lorafind fetch --profile paper`` goes through :func:`fetch`. What a download guarantees:
-
-* redirects are followed (Civitai answers with a redirect to its CDN); the
-  ``Authorization`` header is sent to the first host only -- ``requests`` drops it
-  when a redirect changes host, and the tests check that it does;
-* bytes go to ``<dest>.part``; a dropped connection (or a ``.part`` left by a killed
-  run) is resumed with an HTTP ``Range`` request, and started over when the server
-  does not honour it;
-* the SHA-256 is computed while streaming; a file whose hash differs from the
-  expected one is moved to ``quarantine/`` beside its destination, never left in place;
-* only a complete, verified file is renamed into place (``os.replace``), so an
-  existing destination is always whole: a second run downloads nothing;
-* the Civitai token travels in the ``Authorization`` header only -- never in a URL,
-  a message, a log line or a file.
+"""What the paper profile downloads: the 12 Civitai LoRAs, the SD1.5 + ControlNet models, ResNet50 weights
+and (through :mod:`lorafind_utils.civitai`) the LoRAs' preview images. ``lorafind fetch --profile paper``
+goes through :func:`fetch`; every file goes through :func:`lorafind_utils.download.download`.
 
 LoRAs without a hash in the catalog get one recorded on first download in
 ``<lora_dir>/hashes.json`` (``{slug: sha256}``); later runs verify against it.
-
-Thumbnails (:func:`fetch_thumbnails`) go to ``<runs_dir>/thumbnails/<slug>/NN.<ext>`` with a
-``manifest.json`` that :func:`lorafind_utils.retrieval.read_queries` reads.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
-import http.client
-import json
-import os
-import time
 import urllib.error
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
-import urllib3
-from tqdm.auto import tqdm
 
+from . import layout
+from .civitai import civitai_token, fetch_thumbnails
+from .download import TOKEN_ENV
 from .config import load_catalog, resolve, stage_params
+from .download import (DiskFullError, FetchError, HashMismatchError, SilentTqdm, download, quarantine,
+                       raise_failures, read_json_object, sha256_file)
 from .files import write_json_atomic
-from .records import SECRET_KEY, scrub
+
 
 #: what ``fetch`` can download, in the order it does it.
 FETCH_ITEMS = ("models", "loras", "resnet50", "thumbnails")
-#: the environment variable holding a Civitai API key.
-TOKEN_ENV = "CIVITAI_TOKEN"
+
+
 #: the lock file (in ``lora_dir``) of hashes recorded on first download.
 HASHES_FILE = "hashes.json"
-#: Civitai's public REST API (``GET {api}/model-versions/{id}`` lists a version's preview images).
-CIVITAI_API = "https://civitai.com/api/v1"
-#: the folder (in ``runs_dir``) of the Civitai preview images, one sub-folder per LoRA slug.
-THUMBNAILS_DIR = "thumbnails"
-#: the file (in :data:`THUMBNAILS_DIR`) describing each preview image (read by ``read_queries``).
-THUMBNAILS_MANIFEST = "manifest.json"
-#: preview images downloaded per LoRA by default.
-THUMBNAILS_PER_LORA = 6
-#: URL suffixes of Civitai previews that are videos, not images (skipped).
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".m4v")
-#: suffixes kept as they are for a preview image's file; anything else is saved as ``.jpg``.
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-#: the folder (beside a download) that files failing verification are moved to.
-QUARANTINE_DIR = "quarantine"
+
+
 #: Stable Diffusion 1.5 files the ControlNet img2img pipeline loads (fp32 safetensors only; no
 #: safety checker, no fp16/non-EMA/.bin/.ckpt duplicates): about 4.3 GB, not the whole repository.
 #: They are a superset of what diffusers asks the cache for when loading offline with
@@ -80,311 +47,15 @@ BASE_MODEL_PATTERNS = (
     "vae/diffusion_pytorch_model.safetensors",
     "feature_extractor/*",
 )
+
+
 #: ControlNet files ``ControlNetModel.from_pretrained`` loads.
 CONTROLNET_PATTERNS = ("config.json", "diffusion_pytorch_model.safetensors")
-#: HTTP statuses worth retrying (rate limiting, server hiccups).
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
-#: seconds before the first retry of a download (doubling after each), unless ``backoff`` is given.
-RETRY_BACKOFF = 1.0
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-class FetchError(ValueError):
-    """A download that cannot be completed; the message says why and what to do (never the token)."""
-
-
-class DiskFullError(FetchError):
-    """The disk filled up while writing; the ``.part`` file is kept for a later resume."""
-
-
-class HashMismatchError(FetchError):
-    """A download whose SHA-256 is not the expected one; the file was moved to ``quarantine/``."""
-
-
-@dataclass(frozen=True)
-class DownloadResult:
-    """The outcome of :func:`download`."""
-
-    path: Path  # the verified file, in place
-    sha256: str  # its SHA-256 (hex)
-    bytes: int  # its size
-    resumed: bool  # bytes were appended to an earlier partial download
-    skipped: bool  # the file was already in place and verified; nothing was downloaded
-
-
-class _ShortRead(Exception):
-    """The server closed the connection before sending every byte it announced."""
-
-
-class _Restart(Exception):
-    """The server's answer does not continue the partial file; start over from byte 0."""
-
-
-class _Retryable(Exception):
-    """A transient HTTP answer (408, 429, 5xx)."""
-
-
-class _SilentTqdm(tqdm):
-    """tqdm with its bars disabled (``progress=False`` for huggingface_hub)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 (hex) of a file, read in chunks."""
-    return _hash_prefix(Path(path), chunk).hexdigest()
-
-
-def _hash_prefix(path: Path, chunk: int = 1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h
-
-
-def display_url(url: str) -> str:
-    """``url`` safe to print: query parameters that look like secrets (``token=``, ``api_key=``) redacted."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [(k, "<redacted>" if SECRET_KEY.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="<>")))
-
-
-def _redact(text: str, token: str | None) -> str:
-    """``text`` without the token (and without any secret from the environment)."""
-    if token:
-        text = text.replace(token, "<redacted>")
-    return scrub(text)
-
-
-def quarantine(path: str | Path, dest: str | Path) -> Path:
-    """Move ``path`` to ``<dest's folder>/quarantine/<dest's name>`` (replacing an older one) and return it."""
-    dest = Path(dest)
-    target = dest.parent / QUARANTINE_DIR / dest.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
-    return target
-
-
-def _total_from_content_range(value: str | None) -> int | None:
-    """The full size from ``Content-Range: bytes a-b/N`` or ``bytes */N`` (None when unknown)."""
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
-
-
-def _start_from_content_range(value: str | None) -> int | None:
-    """The first byte from ``Content-Range: bytes a-b/N`` (None when absent or malformed)."""
-    if not value:
-        return None
-    spec = value.strip().removeprefix("bytes").strip()
-    start = spec.split("-", 1)[0]
-    return int(start) if start.isdigit() else None
-
-
-def _blocks(r: requests.Response, chunk: int) -> Iterator[bytes]:
-    """The body in blocks of at most ``chunk`` bytes, each as soon as it arrives.
-
-    ``read1`` hands over every byte received before a connection drops (``iter_content`` fills a whole
-    chunk first, losing what it had buffered when the read fails), so the ``.part`` keeps all of it.
-    """
-    read1 = getattr(r.raw, "read1", None)
-    if read1 is None:  # urllib3 < 2.3
-        yield from r.iter_content(chunk_size=chunk)
-        return
-    while block := read1(chunk):
-        yield block
-
-
-def _http_error(status: int, url: str, label: str, token: str | None) -> FetchError:
-    """The FetchError for an HTTP error answer."""
-    where = f"{label} ({display_url(url)})" if label else display_url(url)
-    if status in (401, 403):
-        if token:
-            msg = (f"{where}: the server refused the token (HTTP {status}); "
-                   f"set {TOKEN_ENV} (a Civitai API key) to a valid key from civitai.com > Account settings > API keys")
-        else:
-            msg = (f"{where}: this download needs a token (HTTP {status}); "
-                   f"set {TOKEN_ENV} (a Civitai API key, from civitai.com > Account settings > API keys) and run again")
-    elif status == 404:
-        msg = f"{where}: not found (HTTP 404); the model version may have been removed or the URL is wrong"
-    else:
-        msg = f"{where}: download failed with HTTP {status}"
-    return FetchError(_redact(msg, token))
-
-
-def download(url: str, dest: str | Path, expected_sha256: str | None = None, token: str | None = None,
-             chunk: int = 1 << 20, retries: int = 3, timeout: float = 30, progress: bool = True, *,
-             label: str = "", backoff: float | None = None, session: requests.Session | None = None) -> DownloadResult:
-    """Download ``url`` to ``dest``: resumable, hash-verified, atomic.
-
-    :param url: the file's URL; redirects are followed.
-    :param dest: where the verified file goes.
-    :param expected_sha256: hex SHA-256 the file must have; None accepts any content.
-    :param token: sent as ``Authorization: Bearer <token>`` to the URL's host only.
-    :param chunk: bytes read and written at a time.
-    :param retries: how many times a dropped connection, a timeout or a 408/429/5xx answer is retried
-        (each retry resumes where the previous attempt stopped).
-    :param timeout: seconds to wait for the connection and for each read.
-    :param progress: show a progress bar.
-    :param label: what is downloaded, for messages (e.g. a LoRA's slug); defaults to the URL.
-    :param backoff: seconds before the first retry, doubling after each; default :data:`RETRY_BACKOFF`.
-    :param session: a ``requests.Session`` to reuse; a new one by default.
-    :raises FetchError: HTTP errors (401/403: a token is needed), a hash mismatch (the file is moved to
-        ``quarantine/`` beside ``dest``), retries exhausted (``.part`` kept); :class:`DiskFullError` when
-        the disk fills up (``.part`` kept). No message contains the token.
-    """
-    dest = Path(dest)
-    backoff = RETRY_BACKOFF if backoff is None else backoff
-    expected = expected_sha256.lower() if expected_sha256 else None
-    name = label or dest.name
-    if dest.exists():
-        digest = sha256_file(dest, chunk)
-        if expected is None or digest == expected:
-            return DownloadResult(dest, digest, dest.stat().st_size, resumed=False, skipped=True)
-        # A damaged or replaced file: keep it for inspection and download a fresh copy.
-        moved = quarantine(dest, dest)
-        print(f"{name}: {dest} has SHA-256 {digest}, expected {expected}; moved to {moved}, downloading again")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    own_session = session is None
-    session = session or requests.Session()
-    try:
-        digest, size, resumed = _fetch_to_part(session, url, part, dest, token, chunk, retries, timeout, progress,
-                                               label, backoff)
-    finally:
-        if own_session:
-            session.close()
-    if expected is not None and digest != expected:
-        moved = quarantine(part, dest)
-        raise HashMismatchError(_redact(
-            f"{name}: SHA-256 mismatch for {display_url(url)}: expected {expected}, got {digest}; "
-            f"the file was moved to {moved}", token))
-    os.replace(part, dest)
-    return DownloadResult(dest, digest, size, resumed=resumed, skipped=False)
-
-
-def _token(token: str | None) -> str | None:
-    """The token given, else ``$CIVITAI_TOKEN`` (None when unset or empty)."""
-    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-
-
-def _raise_failures(errors: list[str], n: int, results: list[dict], what: str) -> None:
-    """One FetchError listing every entry that failed (and which ones are fine), if any failed."""
-    if errors:
-        ok = [r["slug"] for r in results]
-        raise FetchError(f"{len(errors)} of {n} {what} failed" + (f" ({len(ok)} fine: {', '.join(ok)})" if ok else "")
-                         + ":\n  " + "\n  ".join(errors))
-
-
-#: errors after which a request is tried again
-_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-              requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, http.client.HTTPException,
-              _ShortRead, _Retryable)
-
-
-def _wait_or_give_up(e: Exception, failures: int, retries: int, backoff: float, token: str | None, what: str,
-                     kept: str = "") -> None:
-    """After a transient error: wait (exponential backoff) for the next try, or raise FetchError
-    once ``retries`` are used up. The message never contains the token."""
-    if failures > retries:
-        raise FetchError(_redact(f"{what} failed after {retries} retries ({type(e).__name__}: {e}){kept}", token)) from None
-    time.sleep(backoff * 2 ** (failures - 1))
-
-
-def _fetch_to_part(session: requests.Session, url: str, part: Path, dest: Path, token: str | None, chunk: int,
-                   retries: int, timeout: float, progress: bool, label: str, backoff: float) -> tuple[str, int, bool]:
-    """Fill ``part`` with the whole body of ``url``, resuming and retrying; return (sha256, size, resumed)."""
-    name = label or dest.name
-    failures = 0
-    resumed = False
-    carried = None  # (sha256 so far, bytes it covers): a retry continues it instead of re-reading the part
-
-    def prefix_hash(have: int):
-        return carried[0].copy() if carried and carried[1] == have else _hash_prefix(part, chunk)
-
-    while True:
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            with session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True) as r:
-                if r.status_code == 416 and have:
-                    total = _total_from_content_range(r.headers.get("Content-Range"))
-                    if total == have:  # the partial file (of an earlier attempt or run) is in fact complete
-                        return prefix_hash(have).hexdigest(), have, True
-                    raise _Restart()
-                if r.status_code in RETRY_STATUSES:
-                    raise _Retryable(f"HTTP {r.status_code}")
-                if r.status_code >= 400:
-                    raise _http_error(r.status_code, url, label, token)
-                if r.status_code == 206:
-                    if _start_from_content_range(r.headers.get("Content-Range")) != have:
-                        raise _Restart()
-                    hasher, mode, start, resumed = prefix_hash(have), "ab", have, True
-                else:  # 200: the whole file (the server ignored or was not sent a Range)
-                    hasher, mode, start, resumed, carried = hashlib.sha256(), "wb", 0, False, None
-                length = r.headers.get("Content-Length")
-                total = start + int(length) if length and length.isdigit() else None
-                written = start
-                with open(part, mode) as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
-                                                 unit_divisor=1024, desc=dest.name, disable=not progress,
-                                                 leave=False) as bar:
-                    for block in _blocks(r, chunk):
-                        try:
-                            f.write(block)
-                        except OSError as e:
-                            if e.errno in _DISK_FULL:
-                                raise DiskFullError(
-                                    f"disk full while writing {dest}: free some space and run again; "
-                                    f"the {written} bytes downloaded so far are kept in {part} and will be resumed"
-                                ) from None
-                            raise
-                        hasher.update(block)
-                        written += len(block)
-                        carried = (hasher, written)
-                        bar.update(len(block))
-                if total is not None and written < total:
-                    raise _ShortRead(f"connection closed after {written} of {total} bytes")
-                return hasher.hexdigest(), written, resumed
-        except _Restart:
-            part.unlink(missing_ok=True)
-            carried = None
-            failures += 1
-            if failures > retries:
-                raise FetchError(f"{name}: the server does not resume downloads consistently; "
-                                 f"gave up after {retries} retries") from None
-        except _TRANSIENT as e:
-            failures += 1
-            kept = f"; the {part.stat().st_size} bytes downloaded are kept in {part}, run again to resume" \
-                if part.exists() and part.stat().st_size else ""
-            _wait_or_give_up(e, failures, retries, backoff, token, f"{name}: download of {display_url(url)}", kept)
-
-
-def _read_json_object(path: Path, what: str) -> dict:
-    """A JSON object written by an earlier run ({} when absent); ``what`` describes it in errors."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FetchError(f"{path}: not valid JSON ({e}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise FetchError(f"{path}: expected {what}; fix or delete it")
-    return data
 
 
 def _load_hashes(path: Path) -> dict[str, str]:
     """The ``{slug: sha256}`` lock file, or {} when absent."""
-    return {str(k): str(v) for k, v in _read_json_object(path, "a JSON object {slug: sha256}").items()}
+    return {str(k): str(v) for k, v in read_json_object(path, "a JSON object {slug: sha256}").items()}
 
 
 def _check_lora(path: Path, slug: str) -> None:
@@ -418,12 +89,12 @@ def fetch_loras(cfg: dict, token: str | None = None, progress: bool = True) -> l
     :return: one dict per LoRA: slug, path, sha256, bytes, status (downloaded | present | resumed).
     :raises FetchError: failed entries, a catalog without URLs, a corrupt ``hashes.json``.
     """
-    token = _token(token)
+    token = civitai_token(token)
     entries = load_catalog(cfg)
     if not any(e.get("url") for e in entries):
         raise FetchError(f"{cfg['catalog']}: no LoRA has a download url; nothing to fetch for profile "
                          f"'{cfg.get('name', '?')}' (the tiny profile builds its LoRAs itself)")
-    lock_path = resolve(cfg["lora_dir"]) / HASHES_FILE
+    lock_path = layout.lora_dir(cfg) / HASHES_FILE
     hashes = _load_hashes(lock_path)
     results, errors = [], []
     with requests.Session() as session:
@@ -435,7 +106,7 @@ def fetch_loras(cfg: dict, token: str | None = None, progress: bool = True) -> l
                 raise
             except FetchError as err:
                 errors.append(str(err))
-    _raise_failures(errors, len(entries), results, "LoRAs")
+    raise_failures(errors, len(entries), results, "LoRAs")
     return results
 
 
@@ -483,7 +154,7 @@ def _hub_fetch(repo_id: str, patterns: Iterable[str], cache_dir: str | Path | No
     if cache_dir is not None:
         kwargs["cache_dir"] = str(cache_dir)
     if not progress:
-        kwargs["tqdm_class"] = _SilentTqdm
+        kwargs["tqdm_class"] = SilentTqdm
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, **kwargs))
     except (LocalEntryNotFoundError, incomplete, OfflineModeIsEnabled) as e:
@@ -611,152 +282,3 @@ def fetch(cfg: dict, what: Iterable[str] | None = None, progress: bool = True) -
                 print(f"thumbnails {t['slug']}: {t['status']} ({len(t['files'])} of {t['images']} preview "
                       f"images of Civitai version {t['civitai_version_id']})")
     return done
-
-
-def _get_json(session: requests.Session, url: str, label: str, token: str | None, timeout: float = 30,
-              retries: int = 3, backoff: float | None = None):
-    """``GET url`` as JSON (token in the ``Authorization`` header only), retrying transient failures.
-
-    :raises FetchError: HTTP errors (404: the model version does not exist), an answer that is not JSON,
-        retries exhausted. No message contains the token.
-    """
-    backoff = RETRY_BACKOFF if backoff is None else backoff
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    failures = 0
-    while True:
-        try:
-            r = session.get(url, headers=headers, timeout=timeout, allow_redirects=True)
-            if r.status_code in RETRY_STATUSES:
-                raise _Retryable(f"HTTP {r.status_code}")
-        except _TRANSIENT as e:
-            failures += 1
-            _wait_or_give_up(e, failures, retries, backoff, token, f"{label}: request to {display_url(url)}")
-            continue
-        if r.status_code >= 400:
-            raise _http_error(r.status_code, url, label, token)
-        try:
-            return json.loads(r.content)
-        except ValueError as e:
-            raise FetchError(_redact(f"{label}: {display_url(url)} did not answer with valid JSON "
-                                     f"({type(e).__name__}: {e})", token)) from None
-
-
-def _is_video(item: dict) -> bool:
-    """A Civitai preview that is a video (``type: video`` or a video file suffix)."""
-    path = urlsplit(str(item.get("url", ""))).path.lower()
-    return str(item.get("type", "image")).lower() == "video" or path.endswith(VIDEO_SUFFIXES)
-
-
-def _image_ext(url: str) -> str:
-    """The file suffix of a preview image, from its URL's path (``.jpg`` when it has none or an odd one)."""
-    ext = Path(urlsplit(url).path).suffix.lower()
-    return ext if ext in _IMAGE_EXTS else ".jpg"
-
-
-def _load_thumbnail_manifest(path: Path) -> dict:
-    """An earlier run's thumbnail manifest ({} when absent)."""
-    data = _read_json_object(path, "a JSON object with a 'queries' list")
-    if not isinstance(data.get("queries", []), list):
-        raise FetchError(f"{path}: expected a JSON object with a 'queries' list; fix or delete it")
-    return data
-
-
-def fetch_thumbnails(cfg: dict, per_lora: int = THUMBNAILS_PER_LORA, token: str | None = None,
-                     progress: bool = True, api_base: str = CIVITAI_API) -> list[dict]:
-    """Download the Civitai preview images of every catalog LoRA: the paper's stage-05 queries.
-
-    For each catalog entry with a ``civitai_version_id``, ``GET {api_base}/model-versions/{id}`` lists
-    the version's previews; videos are skipped and the first ``per_lora`` images are downloaded (with
-    :func:`download`) to ``<runs_dir>/thumbnails/<slug>/<NN>.<ext>``. ``<runs_dir>/thumbnails/manifest.json``
-    records each file (``{"queries": [{"file", "lora", "how", "url"}, ...]}``, what
-    :func:`~lorafind_utils.retrieval.read_queries` reads) and, under ``versions``, how many images each
-    version had, so a later run with everything in place makes no request at all. A failed LoRA does not
-    stop the others: all are tried, the manifest is written, then one FetchError lists the failures.
-
-    :param cfg: a profile (``load_profile``).
-    :param per_lora: preview images per LoRA (at most; a version may have fewer).
-    :param token: Civitai API key, sent in the ``Authorization`` header only (and to image URLs only
-        when they are on the API's host); default ``$CIVITAI_TOKEN``.
-    :param progress: show progress bars.
-    :param api_base: Civitai's API root.
-    :return: one dict per LoRA: slug, civitai_version_id, status (downloaded | present | no images),
-        files (paths), images (how many images the version has).
-    :raises FetchError: an unknown model version (HTTP 404), an answer that is not JSON, other HTTP
-        errors, a catalog without Civitai version ids. No message contains the token.
-    """
-    if per_lora < 1:
-        raise FetchError(f"per_lora must be at least 1, not {per_lora}")
-    token = _token(token)
-    entries = [e for e in load_catalog(cfg) if e.get("civitai_version_id")]
-    if not entries:
-        raise FetchError(f"{cfg['catalog']}: no LoRA has a civitai_version_id; no Civitai preview images to fetch "
-                         f"for profile '{cfg.get('name', '?')}'")
-    folder = resolve(cfg["runs_dir"]) / THUMBNAILS_DIR
-    manifest_path = folder / THUMBNAILS_MANIFEST
-    old = _load_thumbnail_manifest(manifest_path)
-    old_versions = old.get("versions", {}) if isinstance(old.get("versions"), dict) else {}
-    queries, versions, results, errors = [], {}, [], []
-    with requests.Session() as session:
-        for e in entries:
-            slug = e["slug"]
-            prev_q = [q for q in old.get("queries", []) if isinstance(q, dict) and q.get("lora") == slug]
-            try:
-                res, qs = _fetch_lora_thumbnails(e, folder, per_lora, token, progress, api_base, session,
-                                                 old_versions.get(slug), prev_q)
-            except DiskFullError:
-                raise
-            except FetchError as err:
-                errors.append(str(err))
-                queries.extend(prev_q)  # keep what an earlier run recorded
-                if slug in old_versions:
-                    versions[slug] = old_versions[slug]
-                continue
-            results.append(res)
-            queries.extend(qs)
-            versions[slug] = {"civitai_version_id": e["civitai_version_id"], "images": res["images"]}
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"queries": queries, "versions": versions}
-    if manifest != old:
-        write_json_atomic(manifest, manifest_path)
-    _raise_failures(errors, len(entries), results, "LoRAs' preview images")
-    return results
-
-
-def _fetch_lora_thumbnails(e: dict, folder: Path, per_lora: int, token: str | None, progress: bool, api_base: str,
-                           session: requests.Session, prev: dict | None, prev_q: list[dict]) -> tuple[dict, list[dict]]:
-    """The preview images of one catalog entry (see :func:`fetch_thumbnails`): (result, manifest queries)."""
-    slug, vid = e["slug"], e["civitai_version_id"]
-    label = f"{slug} (Civitai version {vid})"
-    how = f"Civitai preview image of model version {vid}"
-    # Everything an earlier run recorded for this version is in place: no request at all.
-    if prev and str(prev.get("civitai_version_id")) == str(vid) and isinstance(prev.get("images"), int):
-        n = min(per_lora, prev["images"])
-        have = prev_q[:n]
-        if len(have) == n and all((folder / str(q.get("file", ""))).is_file() for q in have):
-            status = "present" if n else "no images"
-            return ({"slug": slug, "civitai_version_id": vid, "status": status,
-                     "files": [str(folder / q["file"]) for q in have], "images": prev["images"]}, have)
-    url = f"{api_base.rstrip('/')}/model-versions/{vid}"
-    data = _get_json(session, url, label, token)
-    if not isinstance(data, dict):
-        raise FetchError(f"{label}: {display_url(url)} answered {type(data).__name__}, not a JSON object")
-    items = data.get("images") or []
-    if not isinstance(items, list):
-        raise FetchError(f"{label}: {display_url(url)} answered an 'images' that is not a list")
-    images = [i for i in items if isinstance(i, dict) and i.get("url") and not _is_video(i)]
-    api_host = urlsplit(api_base).netloc
-    files, queries, downloaded = [], [], False
-    for index, item in enumerate(images[:per_lora]):
-        img_url = str(item["url"])
-        name = f"{index:02d}{_image_ext(img_url)}"
-        send = token if urlsplit(img_url).netloc == api_host else None
-        res = download(img_url, folder / slug / name, token=send, progress=progress,
-                       label=f"{label} preview image {index}", session=session)
-        downloaded = downloaded or not res.skipped
-        files.append(str(res.path))
-        queries.append({"file": f"{slug}/{name}", "lora": slug, "how": how,
-                        "url": _redact(display_url(img_url), token)})
-    status = "no images" if not images else ("downloaded" if downloaded else "present")
-    return {"slug": slug, "civitai_version_id": vid, "status": status, "files": files, "images": len(images)}, queries

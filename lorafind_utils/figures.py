@@ -7,9 +7,10 @@ import matplotlib.pyplot as plt
 from PIL import Image
 
 from .images import load_rgb, square_resize
+from .metrics import RUN_METRICS
 
 
-def _save(fig, out_png: str | Path | None):
+def save_figure(fig, out_png: str | Path | None):
     """Save a figure (creating its folder) when a path is given; return it for display."""
     if out_png:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def synthesis_grid(manifest: dict, synth_dir: str | Path, base_dir: str | Path, 
         axes[i, 0].set_ylabel("base image" if i == 0 else loras[i - 1]["short"], rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"Restyled '{set_name}' images (rows: LoRA, columns: base image)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def training_curves(history: list[dict], best_epoch: int, out_png: str | Path | None = None, title: str = ""):
@@ -61,7 +62,7 @@ def training_curves(history: list[dict], best_epoch: int, out_png: str | Path | 
         ax.set_title(f"{label} (best epoch {best_epoch})")
     fig.suptitle(title or "Fine-tuning curves", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = None, title: str = ""):
@@ -76,7 +77,7 @@ def confusion_heatmap(matrix, names: list[str], out_png: str | Path | None = Non
     ax.set_ylabel("true LoRA")
     ax.set_title(title or "Confusion matrix (validation)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _show(ax, im, title: str = "", color: str = "black", size: int = 8):
@@ -110,7 +111,7 @@ def retrieval_figure(rows: list[dict], out_png: str | Path | None = None, title:
     fig.suptitle(title or "Queries (left) and sample images of their top-ranked LoRAs (green: the LoRA that made the query)",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def figure8(rows: list[dict], out_png: str | Path | None = None, title: str = ""):
@@ -129,7 +130,7 @@ def figure8(rows: list[dict], out_png: str | Path | None = None, title: str = ""
             _show(ax, im, cap, color="green" if ok else "black")
     fig.suptitle(title or "Query | base image | generated with retrieved LoRAs (same base image and seed)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _np_img(t):
@@ -152,7 +153,7 @@ def rank_grid(images: dict, prompts: list[str], seed: int, out_png: str | Path |
                 ax.set_ylabel(pr[:28] + ("…" if len(pr) > 28 else ""), fontsize=7)
     fig.suptitle(title or f"Prompts × LoRA rank (seed {seed})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def base_vs_finetuned(images: dict, prompts: list[str], seed: int, model: str, style: list, out_png=None, title: str = ""):
@@ -173,7 +174,7 @@ def base_vs_finetuned(images: dict, prompts: list[str], seed: int, model: str, s
                 ax.set_title(prompts[j][:24] + ("…" if len(prompts[j]) > 24 else ""), fontsize=7)
     fig.suptitle(title or f"Base vs {model}, same prompts and seed; bottom: held-out style images", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def metrics_vs_rank(rows: list[dict], out_png=None, title: str = ""):
@@ -192,7 +193,7 @@ def metrics_vs_rank(rows: list[dict], out_png=None, title: str = ""):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.suptitle(title or "Metrics by LoRA rank (mean ± sd over seeds)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def loss_curves(histories: dict, out_png=None, title: str = "", window: int = 10):
@@ -209,4 +210,78 @@ def loss_curves(histories: dict, out_png=None, title: str = "", window: int = 10
     ax.legend()
     ax.set_title(title or f"LoRA training loss (rolling mean over {window} steps)")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
+
+
+# --- stages 03-05: ablation plots and tables as images ---------------------------------------
+
+def ablation_plot(df, out_png: str | Path | None = None, title: str = ""):
+    """Each metric against images per class, mean with sd error bars over seeds (seaborn)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = df.melt(id_vars=["n", "seed"], value_vars=list(RUN_METRICS), var_name="metric", value_name="value")
+    long["value"] *= 100
+    long["metric"] = long["metric"].map({"accuracy": "accuracy", "macro_f1": "macro-F1", "mrr": "MRR",
+                                         "top3_accuracy": "top-3 accuracy"})
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.pointplot(data=long, x="n", y="value", hue="metric", errorbar="sd", capsize=0.15, dodge=0.3, ax=ax,
+                  native_scale=True)
+    k = int(df["n_val_images"].iloc[0]) // len(str(df["val_ids"].iloc[0]).split("|"))  # LoRAs = images per base image
+    chance = 100 / k
+    ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.1f} %)")
+    ax.set_xlabel("training images per class (base images)")
+    ax.set_ylabel("percent (mean ± sd over seeds)")
+    ax.set_title(title or "Training-size ablation")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_png)
+
+
+def domain_plot(df, out_png: str | Path | None = None, title: str = ""):
+    """Faces vs variety at equal size: bars with sd error bars per metric."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = df.melt(id_vars=["train_set", "seed"], value_vars=list(RUN_METRICS), var_name="metric", value_name="value")
+    long["value"] *= 100
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    sns.barplot(data=long, x="metric", y="value", hue="train_set", errorbar="sd", capsize=0.1, ax=ax)
+    ax.set_ylabel("percent (mean ± sd over seeds)")
+    ax.set_xlabel("")
+    ax.set_title(title or "Domain (faces) vs variety, equal size, same validation set")
+    return save_figure(fig, out_png)
+
+
+def table_png(cells: list[list[str]], head: list[str], path: str | Path, title: str, highlight_cols: dict | None = None,
+              fontsize: float = 8, width: float = 15):
+    """A table drawn as a PNG (cells already formatted); ``highlight_cols``: column -> header colour."""
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(cells) + 1.2))
+    ax.axis("off")
+    t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(fontsize)
+    t.auto_set_column_width(list(range(len(head))))
+    for j, colour in (highlight_cols or {}).items():
+        t[0, j].set_facecolor(colour)
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def table3_png(df, ordinals: list[str], caption: str, path: Path) -> None:
+    cells = [[r["query"], *[r[o] for o in ordinals], str(r["rank_of_correct"])] for r in df.to_dict("records")]
+    fig, ax = plt.subplots(figsize=(14, 0.32 * len(cells) + 1.4))
+    ax.axis("off")
+    t = ax.table(cellText=cells, colLabels=["", *ordinals, "rank of correct"], loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(7.5)
+    for i, r in enumerate(df.to_dict("records"), 1):
+        for j, o in enumerate(ordinals, 1):
+            if r[o] == r["correct"]:
+                t[i, j].set_facecolor("#b9e4b0")
+                t[i, j].get_text().set_fontweight("bold")
+    ax.set_title("Table 3: LoRAs ranked for each query image", fontsize=10)
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=8, wrap=True)
+    save_figure(fig, path)
+    plt.close(fig)

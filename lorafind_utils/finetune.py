@@ -25,17 +25,18 @@ from .classifier import (
     train,
     write_history,
 )
-from .config import load_catalog, resolve
+from . import layout
+from .config import load_catalog
 from .files import write_csv_atomic, write_json_atomic, write_markdown_table
 from .metrics import classification_metrics
-from .synthesis import pick_device
+from .models import profile_device
 
 _CACHE: dict = {}
 
 
 def cached_set(synth_dir: Path, set_name: str, classes: list[str], size: int) -> ImageSet:
     """Decode each synthesized image once per process (ablations reuse the tensors)."""
-    key = (str(synth_dir), set_name, tuple(classes), size, (synth_dir / "manifest.json").stat().st_mtime_ns)
+    key = (str(synth_dir), set_name, tuple(classes), size, layout.synth_manifest(synth_dir).stat().st_mtime_ns)
     if key not in _CACHE:
         _CACHE[key] = load_synth_set(synth_dir, set_name, classes, size)
     return _CACHE[key]
@@ -47,7 +48,7 @@ def make_split(cfg: dict, p: dict) -> dict:
     When training and validation sets differ (e.g. faces vs variety), the training set's
     own images are all eligible (they share no base image with the validation set).
     """
-    synth = resolve(cfg["runs_dir"]) / "synth"
+    synth = layout.synth_dir(cfg)
     classes = [e["slug"] for e in load_catalog(cfg)]
     val_data = cached_set(synth, p["val_set"], classes, int(p["image_size"]))
     train_ids_v, val_ids = group_split(val_data.groups, float(p["val_fraction"]), int(p["split_seed"]))
@@ -55,26 +56,30 @@ def make_split(cfg: dict, p: dict) -> dict:
         train_ids = train_ids_v
     else:
         train_ids = sorted(set(cached_set(synth, p["train_set"], classes, int(p["image_size"])).groups))
-    n = int(p.get("n_train", 0))
+    n = int(p["n_train"])
     if n:
         if n > len(train_ids):
             raise ValueError(f"n_train={n} but only {len(train_ids)} training base images in '{p['train_set']}'")
-        # A seeded draw of n base images (``subset_seed``, default the training seed), so that
-        # repeats over seeds also vary which images were used.
-        rng = np.random.default_rng(int(p.get("subset_seed", p.get("seed", 0))))
+        # A seeded draw of n base images (from the training seed), so that repeats over seeds
+        # also vary which images were used.
+        rng = np.random.default_rng(int(p["seed"]))
         train_ids = sorted(train_ids[i] for i in rng.permutation(len(train_ids))[:n])
     return {"train_set": p["train_set"], "val_set": p["val_set"], "train_ids": train_ids, "val_ids": val_ids}
 
 
-def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress: bool = True) -> dict:
+def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress: bool = True, save_model: bool = True,
+                 record: dict | None = None) -> dict:
     """Train the fine-tuned classifier, evaluate it and both baselines; write the artifacts.
 
     :param p: stage parameters (see ``configs/tiny.yaml`` ``02_finetune``).
+    :param save_model: write the classifier (stage 02); ablation runs keep only their metrics.
+    :param record: more facts that identify the run, stored beside ``params`` in metrics.json
+        (an ablation's thread count and the stage-01 images it learned from).
     :return: {"metrics": {...}, "history": [...], "split": {...}, "out_dir": str}
     """
-    out_dir = Path(out_dir) if out_dir else resolve(cfg["runs_dir"]) / "train" / p["run_name"]
-    device = str(pick_device(cfg.get("device", "auto")))
-    synth = resolve(cfg["runs_dir"]) / "synth"
+    out_dir = Path(out_dir) if out_dir else layout.train_dir(cfg, p["run_name"])
+    device = profile_device(cfg)
+    synth = layout.synth_dir(cfg)
     classes = [e["slug"] for e in load_catalog(cfg)]
     size = int(p["image_size"])
     split = make_split(cfg, p)
@@ -84,7 +89,7 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     assert not set(tr.groups) & set(va.groups) or split["train_set"] != split["val_set"]
     common = dict(epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), patience=int(p["patience"]),
                   seed=int(p["seed"]), device=device, progress=progress)
-    arch = p.get("backbone", "resnet50")
+    arch = p["backbone"]
     backbone = describe_backbone(arch, p["weights"])
 
     # One backbone (built, and for random weights calibrated, once); each run trains a copy.
@@ -104,12 +109,12 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
                             "train_seconds": round(res.seconds, 2),
                             # per second of training wall time, validation passes included
                             "train_img_per_s_incl_val": round(len(tr.y) * len(res.history) / res.seconds, 2)}
-    if p.get("save_model", True):
+    if save_model:
         save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
                                                   "run_name": p["run_name"]})
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-    write_history(res.history, out_dir / "history.csv")
+    write_history(res.history, layout.history_file(out_dir))
 
     # "Pretrained ResNet50" as in the paper: frozen backbone, K-way head untrained.
     base = copy.deepcopy(start)
@@ -117,13 +122,13 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     metrics["pretrained"] = classification_metrics(va.y.numpy(), predict(base.to(device), va.x, device=device).numpy(), classes)
 
     # Linear probe: frozen backbone, trained head.
-    if p.get("linear_probe", True):
+    if p["linear_probe"]:
         probe = copy.deepcopy(start)
         pres = train(probe, tr, va, mode="probe", **common)
         metrics["linear_probe"] = {**classification_metrics(va.y.numpy(), predict(probe, va.x, device=device).numpy(), classes),
                                    "best_epoch": pres.best_epoch, "trainable_params": pres.trainable_params}
-    write_json_atomic(split, out_dir / "split.json")
-    write_json_atomic({"params": p, **metrics}, out_dir / "metrics.json")
+    write_json_atomic(split, layout.split_file(out_dir))
+    write_json_atomic({"params": p, **({"run": record} if record else {}), **metrics}, layout.metrics_file(out_dir))
     return {"metrics": metrics, "history": res.history, "split": split, "out_dir": str(out_dir)}
 
 
@@ -137,7 +142,7 @@ def table2_rows(metrics: dict, train_desc: str, val_desc: str) -> list[dict]:
     ``paper_row`` names the paper's row each of ours corresponds to (the backbone may differ:
     the tiny profile's is not ResNet50, and the row label says so).
     """
-    net = BACKBONE_LABELS.get(metrics.get("backbone_name", "resnet50"), metrics.get("backbone_name"))
+    net = BACKBONE_LABELS.get(metrics["backbone_name"], metrics["backbone_name"])
     rows = []
     for key, label, paper_row in (("finetuned", f"Fine-tuned {net}", "Fine-tuned ResNet50"),
                                   ("pretrained", f"Pretrained {net} (head untrained)", "Pretrained ResNet50"),

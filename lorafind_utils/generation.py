@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import load_catalog, resolve
+from . import layout
+from .config import load_catalog
 from .files import atomic_path, write_json_atomic
 from .images import load_rgb, read_base_set
 from .loras import load_lora
+from .models import load_pipeline, prepare_loras
 from .synthesis import Prepared, item_seed, prepare_base_images, prepare_image, restyle
 
 
@@ -38,22 +40,20 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
         (img2img from that set's base images, a different one for each LoRA), ``seed``,
         ``strength``, ``steps``, ``guidance_scale``, ``resolution``, Canny thresholds.
     """
-    from .synthesis import load_pipeline, prepare_loras
-
     out_dir = Path(out_dir)
     keys = ("prompts", "query_set", "images_per_lora", "seed", "strength", "steps", "guidance_scale", "resolution",
             "controlnet_scale", "canny_low", "canny_high")
     params = {k: p[k] for k in keys}
-    man_path = out_dir / "manifest.json"
+    man_path = layout.queries_manifest(out_dir)
     if man_path.exists():
         man = json.loads(man_path.read_text())
         if man.get("params") == json.loads(json.dumps(params)):
             return man
         raise ValueError(f"{out_dir} holds queries made with other parameters; delete it or choose another folder")
     catalog = prepare_loras(cfg)  # only when queries must be made: finished ones need no LoRA file
-    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
+    pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     t2i = text_to_image_pipeline(pipe)
-    bases = read_base_set(resolve(cfg["base_images"][p["query_set"]]))
+    bases = read_base_set(layout.base_set_dir(cfg, p["query_set"]))
     prepared, _ = prepare_base_images(bases, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
     n_img = int(p["images_per_lora"])
     queries = []
@@ -62,7 +62,7 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
         load_lora(pipe, e["path"], e["slug"], weight=1.0)
         try:
             for i, prompt in enumerate(p["prompts"]):
-                rel = f"{e['slug']}/prompt{i}.png"
+                rel = layout.query_rel(e["slug"], f"prompt{i}.png")
                 s = item_seed(int(p["seed"]), e["slug"], f"prompt{i}")
                 if not (out_dir / rel).exists():
                     im = t2i(prompt=prompt, num_inference_steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]),
@@ -73,7 +73,7 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
                 bar.update()
             for j in range(n_img):
                 x = prepared[(k * n_img + j) % len(prepared)]
-                rel = f"{e['slug']}/{p['query_set']}_{x.image.id}.png"
+                rel = layout.query_rel(e["slug"], f"{p['query_set']}_{x.image.id}.png")
                 s = item_seed(int(p["seed"]), e["slug"], x.image.id)
                 if not (out_dir / rel).exists():
                     im = restyle(pipe, [x], [s], p)[0]
@@ -115,14 +115,14 @@ def resolve_lora(cfg: dict, name: str) -> dict:
     raise ValueError(f"unknown LoRA '{name}' (catalog: {', '.join(e['slug'] for e in catalog)}; or give a .safetensors path)")
 
 
-def generate(pipe, lora: dict, base: Prepared, seed: int, p: dict, prompt: str = "") -> Image.Image:
+def generate(pipe, lora: dict, base: Prepared, seed: int, p: dict, prompt: str = "", callback=None) -> Image.Image:
     """Restyle one base image with one LoRA at weight 1.0 (stage 01's settings), then unload it.
 
     :raises LoraError: (from :func:`load_lora`) a file that does not fit the base model, before any work.
     """
     load_lora(pipe, lora["path"], lora["slug"], weight=1.0)
     try:
-        return restyle(pipe, [base], [int(seed)], p, prompt=prompt)[0]
+        return restyle(pipe, [base], [int(seed)], p, prompt=prompt, callback=callback)[0]
     finally:
         pipe.unload_lora_weights()
 
@@ -136,10 +136,8 @@ def figure8_rows(cfg: dict, rankings: dict, query_indexes: list[int], base: Prep
     :param rankings: stage 05's ``rankings.json``.
     :return: (rows for :func:`lorafind_utils.figures.figure8`, records with the numbers).
     """
-    from .synthesis import load_pipeline
-
     catalog = {e["slug"]: e for e in load_catalog(cfg)}
-    pipe = pipe or load_pipeline(cfg, cfg.get("device", "auto"), p.get("dtype", "float32"))
+    pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     qs = rankings["queries"]
     bad = [i for i in query_indexes if not 0 <= int(i) < len(qs)]
     if bad:

@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import layout
 from .files import atomic_path, write_json_atomic
 from .images import IMAGE_SUFFIXES, ImageError, load_rgb, square_resize
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+#: LoCon: the attention projections plus the resnet convolutions (kohya's "LoCon" / LyCORIS conv layers)
+LOCON_MODULES = TARGET_MODULES + ["conv1", "conv2"]
 
 
 class StyleDataError(ValueError):
@@ -133,8 +136,12 @@ def _lora_params(unet):
 
 def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, rank: int, alpha: float | None = None,
                steps: int = 200, lr: float = 1e-4, batch_size: int = 4, seed: int = 0, checkpoint_every: int = 50,
-               device: str = "cpu", progress: bool = True, stop_after: int | None = None) -> dict:
+               device: str = "cpu", progress: bool = True, stop_after: int | None = None,
+               target_modules: list[str] | None = None) -> dict:
     """Train one LoRA; resumes from ``out_dir/checkpoint`` if a previous run stopped.
+
+    :param target_modules: UNet module names the LoRA adapts (PEFT ``target_modules``); default the
+        attention projections (:data:`TARGET_MODULES`); :data:`LOCON_MODULES` adds the resnet convs.
 
     :param stop_after: stop (as a kill would) after this many steps in this call -- for tests.
     :return: {"history": [{step, loss}], "lora": diffusers-layout file, "kohya": kohya-layout file, ...}
@@ -149,7 +156,8 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     out_dir.mkdir(parents=True, exist_ok=True)
     vae, te, tok, unet, sched = load_training_models(base, device)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    targets = list(target_modules or TARGET_MODULES)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     params = _lora_params(unet)
     for p in params.values():
         p.requires_grad_(True)
@@ -172,7 +180,9 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
 
     data_sig = hashlib.sha256(json.dumps([[it.file, it.caption] for it in train_items]).encode()).hexdigest()[:16]
     run_sig = {"rank": rank, "alpha": alpha, "seed": seed, "lr": lr, "batch_size": batch_size, "base": str(base), "data": data_sig}
-    ckpt = out_dir / "checkpoint"
+    if targets != TARGET_MODULES:  # (absent for the default, so earlier checkpoints still resume)
+        run_sig["targets"] = targets
+    ckpt = layout.lora_checkpoint_dir(out_dir)
     start, history, seconds = 0, [], 0.0  # seconds: training time of all calls that made these steps
     g = torch.Generator().manual_seed(seed)
     if (ckpt / "state.json").exists():
@@ -241,7 +251,7 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     meta = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
             "train_images": [it.file for it in train_items], "base": str(base), "train_seconds": seconds,
             "steps_per_s": steps / seconds if seconds else float("nan")}
-    write_json_atomic({**meta, "history": history}, out_dir / "training.json")
+    write_json_atomic({**meta, "history": history}, layout.lora_training_record(out_dir))
     return {"history": history, **files, **meta}
 
 
@@ -259,22 +269,34 @@ def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float, adapter_config
                                               unet_lora_adapter_metadata=meta or None)
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
     kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
-    with atomic_path(out_dir / "lora_kohya.safetensors") as tmp:
+    with atomic_path(layout.lora_kohya_file(out_dir)) as tmp:
         save_file(kohya, str(tmp), metadata={"ss_network_dim": str(next(v.shape[0] for k, v in kohya.items()
                                                                           if k.endswith("lora_down.weight"))),
                                              "ss_network_alpha": str(alpha)})
-    return {"lora": str(out_dir / "pytorch_lora_weights.safetensors"), "kohya": str(out_dir / "lora_kohya.safetensors")}
+    return {"lora": str(layout.lora_diffusers_file(out_dir)), "kohya": str(layout.lora_kohya_file(out_dir))}
 
 
-def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[dict]) -> Path:
+def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[dict], lora_dir: str | Path) -> Path:
     """A catalog (``data/loras``-style YAML) with the profile's LoRAs plus the trained ones, so that
-    stages 01-06 can synthesize with them and retrieve them (``catalog:`` + ``lora_dir:``)."""
+    stages 01-06 can synthesize with them and retrieve them (``catalog:`` + the same ``lora_dir:``).
+
+    Each trained kohya file is copied into ``lora_dir`` as ``<slug>.safetensors`` (a catalog names
+    files inside its ``lora_dir`` only), with its SHA-256 in the entry."""
+    import hashlib
+    import shutil
+
     import yaml
 
+    lora_dir = Path(lora_dir)
+    lora_dir.mkdir(parents=True, exist_ok=True)
     entries = [{k: v for k, v in e.items() if k != "path"} for e in base_catalog]
-    entries += [{"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]), "file": str(t["kohya"]),
-                 "base_model": t.get("base_model", ""), "trigger_words": t.get("trigger_words", []), "sha256": None}
-                for t in trained]
+    for t in trained:
+        dest = lora_dir / f"{t['slug']}.safetensors"
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(t["kohya"], tmp)
+        entries.append({"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]), "file": dest.name,
+                        "base_model": t.get("base_model", ""), "trigger_words": t.get("trigger_words", []),
+                        "sha256": hashlib.sha256(dest.read_bytes()).hexdigest()})
     path = Path(catalog_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -341,7 +363,7 @@ def evaluate_sweep(base: str, loras: dict, heldout: list[StyleImage], prompts: l
     from diffusers import StableDiffusionPipeline
 
     from . import style_metrics as sm
-    from .synthesis import quiet_libraries
+    from .models import quiet_libraries
 
     quiet_libraries()
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
@@ -379,43 +401,41 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
     """Stage 07: data -> one LoRA per rank (resumable) -> evaluation -> artifacts under
     ``<runs_dir>/style_lora/<run_name>/``; returns rows, summary, files and timings."""
     from .config import load_catalog, resolve
-    from .synthesis import prepare_models
-
-    from .synthesis import pick_device
+    from .models import prepare_models, profile_device
 
     base, _ = prepare_models(cfg)
-    device = str(pick_device(cfg.get("device", "auto")))
-    run_dir = resolve(cfg["runs_dir"]) / "style_lora" / p["run_name"]
+    device = profile_device(cfg)
+    run_dir = layout.style_lora_dir(cfg, p["run_name"])
     ranks = check_ranks(p["ranks"])
-    style_dir = resolve(p["style_dir"]) if p.get("style_dir") else make_demo_style_set(
-        resolve(cfg["base_images"]["variety"]), run_dir / "style_set", n=int(p["n_style_images"]),
+    style_dir = resolve(p["style_dir"]) if p["style_dir"] else make_demo_style_set(
+        layout.base_set_dir(cfg, "variety"), layout.style_set_dir(run_dir), n=int(p["n_style_images"]),
         resolution=int(p["resolution"]), style=p["style_name"])
-    items = read_style_set(style_dir, p.get("caption_template", ""), p["style_name"], int(p["resolution"]))
+    items = read_style_set(style_dir, p["caption_template"], p["style_name"], int(p["resolution"]))
     train_items, heldout = split_style_set(items, float(p["holdout"]), int(p["seed"]))
     trained = []
     for r in ranks:
-        res = train_lora(base, train_items, run_dir / f"rank{r}", r, alpha=(p.get("alpha") or None), steps=int(p["steps"]),
+        res = train_lora(base, train_items, layout.style_rank_dir(run_dir, r), r, alpha=(p["alpha"] or None), steps=int(p["steps"]),
                          lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
                          checkpoint_every=int(p["checkpoint_every"]), device=device, progress=progress)
         trained.append({**res, "rank": r, "slug": f"{p['run_name']}_r{r}", "name": f"{p['style_name']} (rank {r})",
                         "short": f"{p['style_name']} r{r}", "base_model": cfg["models"]["base"]})
-    clip_path = p.get("clip_model") or ""
+    clip_path = p["clip_model"]
     if clip_path == "tiny":
-        from .style_metrics import ensure_tiny_clip
+        from .tiny_models import ensure_tiny_clip
 
-        clip_path = ensure_tiny_clip(resolve(cfg["runs_dir"]) / "models" / "clip-tiny")
+        clip_path = ensure_tiny_clip(layout.model_dir(cfg, "clip-tiny"))
     rows, images = evaluate_sweep(base, {f"rank {t['rank']}": t["lora"] for t in trained}, heldout, list(p["eval_prompts"]),
                                   [int(s) for s in p["eval_seeds"]], int(p["infer_steps"]), float(p["guidance_scale"]),
                                   int(p["resolution"]), p["feature_net"], p["lpips_backbone"], clip_path, device=device,
                                   progress=progress)
-    catalog = register(run_dir / "catalog.yaml", load_catalog(cfg), trained)
+    catalog = register(layout.trained_catalog(run_dir), load_catalog(cfg), trained, layout.lora_dir(cfg))
     result = {"rows": rows, "trained": [{k: v for k, v in t.items() if k != "history"} for t in trained],
               "histories": {t["rank"]: t["history"] for t in trained}, "train_seconds": {t["rank"]: t["train_seconds"] for t in trained},
               "steps_per_s": {t["rank"]: t["steps_per_s"] for t in trained}, "catalog": str(catalog),
               "n_train": len(train_items), "n_heldout": len(heldout), "style_dir": str(style_dir),
               "feature_net": p["feature_net"], "lpips_backbone": p["lpips_backbone"],
-              "clip_model": "seeded small CLIP (random weights)" if p.get("clip_model") == "tiny" else clip_path}
-    write_json_atomic({k: v for k, v in result.items()}, run_dir / "sweep.json")
+              "clip_model": "seeded small CLIP (random weights)" if p["clip_model"] == "tiny" else clip_path}
+    write_json_atomic({k: v for k, v in result.items()}, layout.sweep_file(run_dir))
     result["images"] = images
     result["style_images"] = [np.asarray(it.image) for it in heldout]
     return result

@@ -16,14 +16,12 @@ converts Civitai/kohya keys). What diffusers does not do for us, we do first:
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .files import atomic_path
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 #: cross-attention (text) width -> base model family, to name the model a LoRA was made for.
@@ -291,96 +289,3 @@ def _dora_magnitudes_not_loaded(pipe, path: str | Path, adapter_name: str) -> li
             if not ok:
                 missed.append(k)
     return missed
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny seeded LoRAs in the Civitai/kohya key layout
-# ---------------------------------------------------------------------------------------------
-
-
-def _kohya_targets(unet, text_encoder, locon: bool) -> list[tuple[str, torch.nn.Module]]:
-    """Modules a kohya trainer targets: attention/MLP projections (+ resnet convs for LoCon)."""
-    targets = []
-    for name, m in unet.named_modules():
-        in_attn = ".attentions." in f".{name}"
-        if in_attn and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ("transformer_blocks" in name or name.endswith(("proj_in", "proj_out"))):
-            targets.append(("lora_unet_" + name.replace(".", "_"), m))
-        elif locon and isinstance(m, torch.nn.Conv2d) and (".resnets." in f".{name}") and name.endswith(("conv1", "conv2")):
-            targets.append(("lora_unet_" + name.replace(".", "_"), m))
-    for name, m in text_encoder.named_modules():
-        if isinstance(m, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name):
-            flat = name.replace(".", "_")
-            if not flat.startswith("text_model_"):
-                flat = "text_model_" + flat
-            targets.append(("lora_te_" + flat, m))
-    return targets
-
-
-def make_tiny_lora(unet, text_encoder, spec: dict, twin_base: dict | None = None) -> dict[str, torch.Tensor]:
-    """Seeded LoRA weights in kohya layout for the tiny base model.
-
-    :param spec: catalog entry: seed, rank, alpha, strength (size of W' - W relative
-        to W), layout (lora | locon); optional twin_of/twin_mix.
-    :param twin_base: the state dict of the LoRA this one is a near-twin of; the
-        result is ``(1 - mix) * twin + mix * own`` per tensor (before alpha).
-    :return: state dict with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
-    """
-    g = torch.Generator().manual_seed(int(spec["seed"]))
-    r = int(spec.get("rank", 4))
-    alpha = float(spec.get("alpha", r))
-    strength = float(spec["strength"])
-    mix = float(spec.get("twin_mix", 1.0))
-    sd: dict[str, torch.Tensor] = {}
-    for key, m in _kohya_targets(unet, text_encoder, spec.get("layout", "lora") == "locon"):
-        w = m.weight.detach()
-        if isinstance(m, torch.nn.Linear):
-            down = torch.randn(r, m.in_features, generator=g) / math.sqrt(m.in_features)
-            up_shape = (m.out_features, r)
-        else:
-            kh, kw = m.kernel_size
-            down = torch.randn(r, m.in_channels, kh, kw, generator=g) / math.sqrt(m.in_channels * kh * kw)
-            up_shape = (m.out_channels, r, 1, 1)
-        # std(delta W) = (alpha / r) * sqrt(r) * sigma * std(down row . x) ~= strength * std(W)
-        s = float(spec.get("te_strength", strength)) if key.startswith("lora_te_") else strength
-        sigma = s * float(w.std()) * math.sqrt(w[0].numel()) * r / (alpha * math.sqrt(r))
-        up = torch.randn(up_shape, generator=g) * sigma / math.sqrt(w[0].numel())
-        if twin_base is not None:
-            down = (1 - mix) * twin_base[f"{key}.lora_down.weight"] + mix * down
-            up = (1 - mix) * twin_base[f"{key}.lora_up.weight"] + mix * up
-        sd[f"{key}.lora_down.weight"] = down.contiguous()
-        sd[f"{key}.lora_up.weight"] = up.contiguous()
-        sd[f"{key}.alpha"] = torch.tensor(alpha)
-    return sd
-
-
-def ensure_tiny_loras(catalog: list[dict], lora_dir: str | Path, base_dir: str | Path) -> list[Path]:
-    """Write the tiny profile's seeded LoRA files (once) for every catalog entry.
-
-    :return: the file paths, in catalog order.
-    """
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
-
-    lora_dir = Path(lora_dir)
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    # Only seeded stand-ins are generated; other entries (e.g. LoRAs trained in stage 07) are files.
-    catalog = [e for e in catalog if "seed" in e]
-    paths = [lora_dir / e["file"] for e in catalog]
-    stamp_path = lora_dir / "lorafind_tiny.json"
-    stamp = json.dumps({"catalog": catalog, "base": str(Path(base_dir).resolve())}, sort_keys=True)
-    if all(p.exists() for p in paths) and stamp_path.exists() and stamp_path.read_text() == stamp:
-        return paths
-    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder")
-    made: dict[str, dict] = {}
-    for e, p in zip(catalog, paths):
-        twin = made.get(e["twin_of"]) if e.get("twin_of") else None
-        if e.get("twin_of") and twin is None:
-            raise ValueError(f"tiny catalog: '{e['slug']}' is a twin of '{e['twin_of']}', which must come first")
-        sd = make_tiny_lora(unet, te, e, twin)
-        made[e["slug"]] = sd
-        with atomic_path(p) as tmp:
-            save_file(sd, str(tmp), metadata={"ss_network_module": "networks.lora", "lorafind_tiny": e["slug"]})
-    stamp_path.write_text(stamp)
-    return paths

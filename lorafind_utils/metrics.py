@@ -20,6 +20,10 @@ from sklearn.metrics import (
 )
 
 
+#: the per-run metrics that stages 03-04 report (fractions)
+RUN_METRICS = ("accuracy", "macro_f1", "mrr", "top3_accuracy")
+
+
 def ranks_of_truth(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """1-based rank of the true class in each row of ``scores`` (ties counted pessimistically)."""
     labels = np.asarray(labels)

@@ -58,7 +58,7 @@ def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(int(threads))
-    from .synthesis import quiet_libraries
+    from .models import quiet_libraries
 
     quiet_libraries()
 

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classifier import _normalize, load_checkpoint, predict
-from .config import load_catalog, resolve, stage_params
+from .classifier import load_checkpoint, normalize, predict
+from . import layout
+from .config import load_catalog, stage_params
 from .images import ImageError, load_rgb, square_resize, to_rgb
 
 
@@ -56,8 +57,8 @@ class Ranker:
     def from_profile(cls, cfg: dict, run_name: str | None = None, device: str = "cpu") -> "Ranker":
         """The classifier that stage 02 trained for this profile (or the named run)."""
         run = run_name or stage_params(cfg, "02_finetune")["run_name"]
-        ckpt = resolve(cfg["runs_dir"]) / "train" / run
-        if not (ckpt / "model.safetensors").exists():
+        ckpt = layout.train_dir(cfg, run)
+        if not layout.model_file(ckpt).exists():
             raise FileNotFoundError(f"no trained classifier in {ckpt}: run stage 02 first "
                                     f"(`lorafind train --profile {cfg['name']}` or notebook 02_finetune)")
         return cls(ckpt, load_catalog(cfg), device)
@@ -111,7 +112,7 @@ class Ranker:
         independent of layout (Gatys et al.); 1 = identical statistics. Not the ranking itself,
         which uses the trained layers."""
         x = torch.stack([self.preprocess(a), self.preprocess(b)])
-        g = gram_matrices(self.model, _normalize(x.to(self.device))).flatten(1)
+        g = gram_matrices(self.model, normalize(x.to(self.device))).flatten(1)
         return float(torch.nn.functional.cosine_similarity(g[0:1], g[1:2]))
 
 
@@ -181,13 +182,13 @@ def read_queries(folder: str | Path, catalog: list[dict]) -> list[Query]:
     if unknown:
         raise ValueError(f"{folder}: sub-folders {unknown} are not LoRAs of the catalog")
     how = {}
-    if (folder / "manifest.json").exists():
-        how = {q["file"]: q.get("how", "") for q in json.loads((folder / "manifest.json").read_text())["queries"]}
+    if layout.queries_manifest(folder).exists():
+        how = {q["file"]: q.get("how", "") for q in json.loads(layout.queries_manifest(folder).read_text())["queries"]}
     out = []
     for e in catalog:
         for p in sorted((folder / e["slug"]).glob("*")) if (folder / e["slug"]).is_dir() else []:
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                rel = f"{e['slug']}/{p.name}"
+                rel = layout.query_rel(e["slug"], p.name)
                 out.append(Query(f"{e['slug']}/{p.stem}", p, e["slug"], how.get(rel, "")))
     if not out:
         raise FileNotFoundError(f"{folder}: no query images")
@@ -250,30 +251,10 @@ def write_table3(df, metrics: dict, stem: str | Path, k: int = 9) -> dict:
                   + (f" (a random ranking: top-1 {100 * m['chance_top1']:.1f} %, MRR {100 * m['chance_mrr']:.1f} %)"
                      if "chance_mrr" in m else "") + ". Bold: the LoRA that made the query image.")
     write_markdown_table(stem.with_suffix(".md"), ["", *ordinals, "rank of correct"], rows, caption)
-    _table3_png(df, ordinals, caption.replace("Bold", "Green"), stem.with_suffix(".png"))
+    from .figures import table3_png
+
+    table3_png(df, ordinals, caption.replace("Bold", "Green"), stem.with_suffix(".png"))
     return {"csv": str(stem.with_suffix(".csv")), "md": str(stem.with_suffix(".md")), "png": str(stem.with_suffix(".png"))}
-
-
-def _table3_png(df, ordinals: list[str], caption: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from .figures import _save
-
-    cells = [[r["query"], *[r[o] for o in ordinals], str(r["rank_of_correct"])] for r in df.to_dict("records")]
-    fig, ax = plt.subplots(figsize=(14, 0.32 * len(cells) + 1.4))
-    ax.axis("off")
-    t = ax.table(cellText=cells, colLabels=["", *ordinals, "rank of correct"], loc="center", cellLoc="center")
-    t.auto_set_font_size(False)
-    t.set_fontsize(7.5)
-    for i, r in enumerate(df.to_dict("records"), 1):
-        for j, o in enumerate(ordinals, 1):
-            if r[o] == r["correct"]:
-                t[i, j].set_facecolor("#b9e4b0")
-                t[i, j].get_text().set_fontweight("bold")
-    ax.set_title("Table 3: LoRAs ranked for each query image", fontsize=10)
-    fig.text(0.5, 0.01, caption, ha="center", fontsize=8, wrap=True)
-    _save(fig, path)
-    plt.close(fig)
 
 
 def save_rankings(pairs: list[tuple[Query, Ranking]], metrics: dict, ranker: Ranker, skipped: list[dict],
@@ -291,13 +272,11 @@ def save_rankings(pairs: list[tuple[Query, Ranking]], metrics: dict, ranker: Ran
 
 def lora_samples(cfg: dict, set_name: str = "variety", index: int = 0) -> dict[str, Image.Image]:
     """One stage-01 image per LoRA (the same base image for all), to show what each LoRA paints."""
-    from .synthesis import read_manifest
-
-    synth = resolve(cfg["runs_dir"]) / "synth"
-    man = read_manifest(synth)
+    synth = layout.synth_dir(cfg)
+    man = layout.read_synth_manifest(synth)
     ids = man["sets"][set_name]
     img = ids[index % len(ids)]
-    return {e["slug"]: Image.open(synth / set_name / e["slug"] / f"{img}.png").convert("RGB") for e in man["loras"]}
+    return {e["slug"]: Image.open(layout.synth_image(synth, set_name, e["slug"], img)).convert("RGB") for e in man["loras"]}
 
 
 def example_rows(pairs: list[tuple[Query, Ranking]], samples: dict[str, Image.Image], n: int = 6, k: int = 5) -> list[dict]:

@@ -5,7 +5,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import load_profile, project_root, resolve, stage_params
+from . import layout
+from .config import load_profile, project_root, stage_params
 from .records import append_record
 
 
@@ -87,15 +88,17 @@ def run_study(profile: str = "tiny", only: list[str] | None = None, start: str |
     overrides = overrides or {}
     cfg = load_profile(profile, overrides)
     name = cfg["name"]
-    out_dir = Path(output_dir) if output_dir else project_root() / "papermill_runs" / name
+    out_dir = Path(output_dir) if output_dir else layout.papermill_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records_path = resolve(cfg["runs_dir"]) / "records.jsonl"
+    records_path = layout.records_file(cfg)
     nbs = select(discover_notebooks(notebooks_dir), only, start)
     if not nbs:
         raise ValueError("no notebooks to run")
     records = []
     for nb in nbs:
-        params = {"profile": str(profile), "overrides": overrides, **stage_params(cfg, nb.stem)}
+        # a notebook that is not a declared stage (a user's own) gets only the profile
+        params = {"profile": str(profile), "overrides": overrides,
+                  **(stage_params(cfg, nb.stem) if nb.stem in cfg["stages"] else {})}
         out_nb = out_dir / nb.name
         log(f"[{nb.stem}] running ({name} profile) -> {out_nb}")
         t0 = time.perf_counter()

@@ -145,30 +145,3 @@ def load_clip(path: str):
     from transformers import CLIPModel, CLIPProcessor
 
     return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
-
-
-def ensure_tiny_clip(folder, seed: int = 0):
-    """A seeded small CLIP (real CLIP BPE tokenizer) saved with ``save_pretrained`` for the offline
-    profile -- its scores exercise the code path only (random weights)."""
-    from pathlib import Path
-
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from .tiny_models import build_clip_tokenizer
-
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "vocab_size": 49408, "max_position_embeddings": 77},
-                     vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                    "num_attention_heads": 2, "image_size": 64, "patch_size": 16},
-                     projection_dim=32)
-    model = CLIPModel(cfg)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
-                         tokenizer=build_clip_tokenizer(folder / "_tok_src"))
-    model.save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return str(folder)

@@ -1,10 +1,8 @@
 """Stage 01: restyle base images with SD1.5 + ControlNet-Canny + each LoRA (the paper's F sets).
 
-Layout of the output (``<runs_dir>/synth``)::
-
-    params.json                      every parameter of the run (written first; a rerun must match)
-    <set>/<lora>/<image>.png         one restyled image per (set, LoRA, base image)
-    manifest.json                    parameters + every item (file, seed) + skipped inputs
+Output (``<runs_dir>/synth``, see :mod:`lorafind_utils.layout`): ``params.json``, one PNG per
+(set, LoRA, base image) at ``<set>/<lora>/<image>.png``, and ``manifest.json`` (parameters +
+every item (file, seed) + skipped inputs).
 
 Writes are atomic (temporary file + rename), so a killed run leaves no
 half-written PNG, and a rerun skips finished images: a resumed run ends with
@@ -23,34 +21,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import load_catalog, resolve
+from . import layout
 from .files import atomic_path, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
-from .loras import check_lora_against_model, ensure_tiny_loras, inspect_lora, load_lora
+from .loras import check_lora_against_model, inspect_lora, load_lora
+from .models import SCHEDULER, base_skeletons, cached_pipeline, load_pipeline, pick_device, prepare_loras
 from .parallel import job_threads, resolve_workers, run_jobs, torch_threads
-
-#: every pipeline's scheduler (diffusers class name): UniPC, as diffusers recommends for ControlNet
-SCHEDULER = "UniPCMultistepScheduler"
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def quiet_libraries() -> None:
-    """Silence per-call progress bars and info logs of diffusers/transformers (we show our own)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-
-
-def pick_device(pref: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else CPU."""
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
 
 
 def item_seed(seed: int, lora: str, image_id: str) -> int:
@@ -63,68 +39,6 @@ def canny_image(im: Image.Image, low: int = 100, high: int = 200) -> Image.Image
     """OpenCV Canny edges of an RGB image as a 3-channel control image (white edges on black)."""
     edges = cv2.Canny(np.asarray(im.convert("L")), int(low), int(high))
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-
-
-def prepare_models(cfg: dict) -> tuple[str, str]:
-    """Where the base pipeline and ControlNet load from (building the tiny ones on first use)."""
-    m = cfg["models"]
-    if m.get("kind") == "tiny":
-        from .tiny_models import ensure_tiny_models
-
-        b, c = ensure_tiny_models(resolve(m["base"]), resolve(m["controlnet"]), seed=int(m.get("seed", 0)))
-        return str(b), str(c)
-    # hub id or local folder: from_pretrained handles both (and the huggingface_hub cache).
-    local = [resolve(x) for x in (m["base"], m["controlnet"])]
-    return tuple(str(p) if p.exists() else x for p, x in zip(local, (m["base"], m["controlnet"])))  # type: ignore
-
-
-def prepare_loras(cfg: dict) -> list[dict]:
-    """The catalog with files in place: tiny LoRAs are built; real ones must have been fetched."""
-    catalog = load_catalog(cfg)
-    if cfg["models"].get("kind") == "tiny":
-        base, _ = prepare_models(cfg)
-        ensure_tiny_loras(catalog, resolve(cfg["lora_dir"]), base)
-    missing = [e["path"] for e in catalog if not Path(e["path"]).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} LoRA files are missing (e.g. {missing[0]}); run `lorafind fetch --profile {cfg['name']}`"
-        )
-    return catalog
-
-
-def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "float32"):
-    """SD1.5 ControlNet img2img pipeline, loaded with ``from_pretrained`` for both profiles.
-
-    The scheduler is UniPC (from the checkpoint's own scheduler config), as
-    diffusers recommends for ControlNet at ~20 steps.
-    """
-    import diffusers
-    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
-
-    quiet_libraries()
-    base, cn = prepare_models(cfg)
-    device = pick_device(str(device))
-    torch_dtype = DTYPES[dtype] if device.type != "cpu" else torch.float32
-    controlnet = ControlNetModel.from_pretrained(cn, dtype=torch_dtype)
-    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
-        base, controlnet=controlnet, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.scheduler = getattr(diffusers, SCHEDULER).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def base_skeletons(cfg: dict):
-    """The profile's UNet and text encoder on the meta device, built from their configs alone
-    (no weights read): enough to check a LoRA's module names and shapes."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    base, _ = prepare_models(cfg)
-    unet_cfg = UNet2DConditionModel.load_config(base, subfolder="unet")
-    te_cfg = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder")
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(unet_cfg), CLIPTextModel(te_cfg)
 
 
 @dataclass
@@ -153,16 +67,20 @@ def prepare_base_images(images: list[BaseImage], resolution: int, low: int, high
     return ok, skipped
 
 
-def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: str = "") -> list[Image.Image]:
+def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: str = "",
+            callback=None) -> list[Image.Image]:
     """One pipeline call for a batch: each image gets its own CPU generator.
 
     With an empty prompt and no negative prompt the conditional and unconditional
     embeddings are identical, so classifier-free guidance changes nothing but
     doubles the UNet work: it is skipped (guidance 1.0).
+
+    :param p: ``strength``, ``steps``, ``controlnet_scale``, ``guidance_scale`` (stage 01's parameters).
+    :param callback: diffusers' ``callback_on_step_end`` (the widget's progress bar).
     """
-    guidance = float(p.get("guidance_scale", 1.0)) if prompt else 1.0
+    guidance = float(p["guidance_scale"]) if prompt else 1.0
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    extra = {"callback_on_step_end": p["callback_on_step_end"]} if p.get("callback_on_step_end") else {}
+    extra = {"callback_on_step_end": callback} if callback else {}
     out = pipe(
         prompt=[prompt] * len(prepared),
         image=[x.init for x in prepared],
@@ -186,7 +104,7 @@ def restyle_with_lora(pipe, entry: dict, mine: list, params: dict, out_dir: Path
 
     Each PNG is written atomically as soon as its batch is done.
     """
-    bs = max(1, int(params.get("batch_size", 1)))
+    bs = max(1, int(params["batch_size"]))
     load_lora(pipe, entry["path"], entry["slug"], weight=1.0)  # each LoRA loaded once
     try:
         for i in range(0, len(mine), bs):
@@ -203,17 +121,10 @@ def restyle_with_lora(pipe, entry: dict, mine: list, params: dict, out_dir: Path
     return len(mine)
 
 
-_WORKER_PIPES: dict = {}
-
-
 def _restyle_job(job: tuple) -> int:
     """A worker's job: one LoRA's images, on a pipeline loaded once per worker process."""
     cfg, params, out_dir, entry, mine = job
-    key = (cfg["models"]["base"], cfg["models"]["controlnet"], cfg.get("device", "auto"), params.get("dtype", "float32"))
-    if key not in _WORKER_PIPES:
-        _WORKER_PIPES.clear()
-        _WORKER_PIPES[key] = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
-    return restyle_with_lora(_WORKER_PIPES[key], entry, mine, params, out_dir)
+    return restyle_with_lora(cached_pipeline(cfg, params["dtype"]), entry, mine, params, out_dir)
 
 
 def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True,
@@ -231,7 +142,7 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     :return: the manifest (also written to ``<out_dir>/manifest.json``).
     :raises LoraError: a LoRA that cannot load, before any image is made.
     """
-    out_dir = Path(out_dir) if out_dir else resolve(cfg["runs_dir"]) / "synth"
+    out_dir = Path(out_dir) if out_dir else layout.synth_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     catalog = prepare_loras(cfg)
     given_pipe = pipe is not None
@@ -246,15 +157,15 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     del unet, text_encoder
     run_params = {k: params[k] for k in SYNTH_KEYS if k in params}
     run_params.update(
-        sets=list(params["sets"]), max_images=int(params.get("max_images", 0)), prompt="",
+        sets=list(params["sets"]), max_images=int(params["max_images"]), prompt="",
         base_model=cfg["models"]["base"], controlnet=cfg["models"]["controlnet"], lora_weight=1.0,
         loras=[e["slug"] for e in catalog],
         scheduler=type(pipe.scheduler).__name__ if given_pipe else SCHEDULER,
         # CPU: torch threads per job. Another count sums in another order, and the random tiny
         # UNet can amplify that into visible differences, so it is a parameter of the images.
-        threads=int(params.get("threads", 1)),
+        threads=int(params["threads"]),
     )
-    pfile = out_dir / "params.json"
+    pfile = layout.synth_params_file(out_dir)
     if pfile.exists():
         old = json.loads(pfile.read_text())
         if old != run_params:
@@ -269,10 +180,8 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     sets: dict[str, list[Prepared]] = {}
     skipped: list[dict] = []
     for name in params["sets"]:
-        if name not in cfg["base_images"]:
-            raise ValueError(f"unknown base-image set '{name}'; the profile has {sorted(cfg['base_images'])}")
-        imgs = read_base_set(resolve(cfg["base_images"][name]))
-        n = int(params.get("max_images", 0))
+        imgs = read_base_set(layout.base_set_dir(cfg, name))
+        n = int(params["max_images"])
         if n:
             imgs = imgs[:n]
         ok, bad = prepare_base_images(imgs, int(params["resolution"]), int(params["canny_low"]), int(params["canny_high"]))
@@ -283,23 +192,23 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     for e in catalog:
         for name, prepared in sets.items():
             for x in prepared:
-                rel = f"{name}/{e['slug']}/{x.image.id}.png"
+                rel = layout.synth_rel(name, e["slug"], x.image.id)
                 s = item_seed(int(params["seed"]), e["slug"], x.image.id)
                 items.append({"set": name, "lora": e["slug"], "image": x.image.id, "file": rel, "seed": s})
                 if not (out_dir / rel).exists():
                     todo[e["slug"]].append((x, rel, s))
     todo = {slug: mine for slug, mine in todo.items() if mine}
     entries = {e["slug"]: e for e in catalog}
-    device = str(pick_device(cfg.get("device", "auto")))
+    device = str(pick_device(cfg["device"]))
     threads = job_threads(device, run_params["threads"])
     if workers is None:
-        workers = 1 if given_pipe else params.get("workers", "auto")
+        workers = 1 if given_pipe else params["workers"]
     workers = resolve_workers(workers, device, len(todo), threads)
     bar = tqdm(total=sum(map(len, todo.values())), desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
                unit="img", disable=not progress)
     if workers == 1:
         if todo and pipe is None:
-            pipe = load_pipeline(cfg, cfg.get("device", "auto"), params.get("dtype", "float32"))
+            pipe = load_pipeline(cfg, cfg["device"], params["dtype"])
         with torch_threads(threads):
             for slug, mine in todo.items():
                 restyle_with_lora(pipe, entries[slug], mine, params, out_dir, on_batch=bar.update)
@@ -318,13 +227,5 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         "items": items,
         "skipped": skipped,
     }
-    write_json_atomic(manifest, out_dir / "manifest.json", sort_keys=True)
+    write_json_atomic(manifest, layout.synth_manifest(out_dir), sort_keys=True)
     return manifest
-
-
-def read_manifest(synth_dir: str | Path) -> dict:
-    """Read a finished synthesis manifest; a run without one was interrupted."""
-    p = Path(synth_dir) / "manifest.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found: stage 01 has not finished (run `lorafind synthesize`)")
-    return json.loads(p.read_text())

@@ -19,7 +19,8 @@ from pathlib import Path
 import ipywidgets as W
 from PIL import Image
 
-from .config import load_catalog, load_profile, resolve, stage_params
+from . import layout
+from .config import load_catalog, load_profile, stage_params
 from .images import ImageError, load_rgb_bytes, read_base_set
 
 #: Uploads larger than this many bytes are refused before decoding.
@@ -98,7 +99,7 @@ class RankWidget:
 
     def _base_images(self):
         try:
-            return read_base_set(resolve(self.cfg["base_images"][self.sample_set]))
+            return read_base_set(layout.base_set_dir(self.cfg, self.sample_set))
         except (OSError, ValueError, KeyError):
             return []
 
@@ -190,8 +191,9 @@ class RankWidget:
 
     def _on_generate(self, _=None) -> None:
         from .generation import generate
-        from .synthesis import load_pipeline, prepare_image
         from .images import BaseImage
+        from .models import load_pipeline
+        from .synthesis import prepare_image
 
         p = stage_params(self.cfg, "01_synthesize")
         try:
@@ -208,7 +210,7 @@ class RankWidget:
         try:
             if self._pipe is None:
                 self._say("Loading the diffusion models (first time only) …")
-                self._pipe = load_pipeline(self.cfg, self.cfg.get("device", "auto"), p.get("dtype", "float32"))
+                self._pipe = load_pipeline(self.cfg, self.cfg["device"], p["dtype"])
             self.progress.value = 1
             self._say(f"Generating with {entry['short']} …")
             prepared = prepare_image(BaseImage(base_name, Path(base_name)), base_im, int(p["resolution"]),
@@ -219,7 +221,7 @@ class RankWidget:
                 self.progress.value = min(self.progress.max, 2 + i)
                 return kw
 
-            out = generate(self._pipe, entry, prepared, int(p["seed"]), {**p, "callback_on_step_end": step})
+            out = generate(self._pipe, entry, prepared, int(p["seed"]), p, callback=step)
             views = []
             if self.query is not None:
                 sim = self.ranker.style_similarity(self.query, out)

@@ -29,14 +29,14 @@ def tiny_cfg(tiny_root):
 
 @pytest.fixture(scope="session")
 def catalog(tiny_cfg):
-    from lorafind_utils.synthesis import prepare_loras
+    from lorafind_utils.models import prepare_loras
 
     return prepare_loras(tiny_cfg)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_cfg, catalog):
-    from lorafind_utils.synthesis import load_pipeline
+    from lorafind_utils.models import load_pipeline
 
     return load_pipeline(tiny_cfg, "cpu")
 

@@ -11,11 +11,13 @@ import torch
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
+from lorafind_utils import download as download_mod
 from lorafind_utils import fetch as fetch_mod
+from lorafind_utils.civitai import fetch_thumbnails
 from lorafind_utils.config import load_profile
-from lorafind_utils.fetch import (BASE_MODEL_PATTERNS, CONTROLNET_PATTERNS, DiskFullError, FetchError,
-                                  HashMismatchError, download, fetch, fetch_loras, fetch_models, fetch_resnet50_weights,
-                                  fetch_thumbnails, needed_items)
+from lorafind_utils.download import DiskFullError, FetchError, HashMismatchError, download
+from lorafind_utils.fetch import (BASE_MODEL_PATTERNS, CONTROLNET_PATTERNS, fetch, fetch_loras, fetch_models,
+                                  fetch_resnet50_weights, needed_items)
 from lorafind_utils.loras import inspect_lora
 
 TOKEN = "good-token"
@@ -174,7 +176,7 @@ def base(server, monkeypatch):
     """The server's base URL, with an empty request log and no proxy in the way."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("CIVITAI_TOKEN", raising=False)
-    monkeypatch.setattr(fetch_mod, "RETRY_BACKOFF", 0.0)  # retry at once
+    monkeypatch.setattr(download_mod, "RETRY_BACKOFF", 0.0)  # retry at once
     server.log.clear()
     return f"http://127.0.0.1:{server.server_port}"
 
@@ -355,7 +357,7 @@ class _FullDisk:
 def test_full_disk_keeps_the_part_for_a_later_resume(base, tmp_path, monkeypatch):
     dest = tmp_path / "a.safetensors"
     part = tmp_path / "a.safetensors.part"
-    monkeypatch.setattr(fetch_mod, "open", lambda p, mode="rb": _FullDisk(open(p, mode), 2048), raising=False)
+    monkeypatch.setattr(download_mod, "open", lambda p, mode="rb": _FullDisk(open(p, mode), 2048), raising=False)
     with pytest.raises(DiskFullError) as exc:
         download(f"{base}/file/a", dest, progress=False, chunk=1024)
     msg = str(exc.value)

@@ -75,13 +75,15 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     pipe.unload_lora_weights()
     assert np.abs(with_peft - base).mean() > 1e-3  # the LoRA changes the output
     np.testing.assert_allclose(with_kohya, with_peft, atol=1e-5)  # the two layouts are the same LoRA (alpha 8, scale 2)
-    cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}])
+    cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}],
+                        tiny_cfg["lora_dir"])
     from lorafind_utils.config import load_catalog
 
     cat = load_catalog({**tiny_cfg, "catalog": str(cat_path)})
-    assert cat[-1]["slug"] == "duo_r4" and cat[-1]["path"] == res["kohya"] and len(cat) == len(catalog) + 1
+    assert cat[-1]["slug"] == "duo_r4" and len(cat) == len(catalog) + 1
+    assert open(cat[-1]["path"], "rb").read() == open(res["kohya"], "rb").read()  # copied into lora_dir
     # stage 01 can use the registered catalog: the seeded stand-ins stay as they are, the trained LoRA is a file
-    from lorafind_utils.synthesis import prepare_loras
+    from lorafind_utils.models import prepare_loras
 
     before = {e["slug"]: open(e["path"], "rb").read() for e in catalog}
     ready = prepare_loras({**tiny_cfg, "catalog": str(cat_path)})

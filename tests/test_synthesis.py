@@ -128,7 +128,7 @@ def test_unreadable_base_image_is_recorded_not_silently_dropped(tiny_root, tiny_
 def test_bad_lora_fails_before_any_image(tiny_root, tiny_pipe, stage_params, tmp_path):
     import torch
 
-    from lorafind_utils.synthesis import prepare_loras
+    from lorafind_utils.models import prepare_loras
 
     loras = tmp_path / "loras"
     cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "lora_dir": str(loras), "runs_dir": str(tmp_path / "r")})

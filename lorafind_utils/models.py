@@ -1,0 +1,118 @@
+"""The model layer every stage imports: device, dtypes, scheduler, where models load from,
+the SD1.5 + ControlNet pipeline (and its weight-free skeletons), the LoRA files in place.
+
+Both profiles load through ``from_pretrained`` from a hub id or a local folder; the ``tiny``
+profile builds its seeded stand-ins on first use (:mod:`lorafind_utils.tiny_models`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import load_catalog, resolve
+from .layout import lora_dir
+
+#: every pipeline's scheduler (diffusers class name): UniPC, as diffusers recommends for ControlNet
+SCHEDULER = "UniPCMultistepScheduler"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and info logs of diffusers/transformers (we show our own)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def profile_device(cfg: dict) -> str:
+    """The profile's device as a string (``cpu``, ``cuda``)."""
+    return str(pick_device(cfg["device"]))
+
+
+def prepare_models(cfg: dict) -> tuple[str, str]:
+    """Where the base pipeline and ControlNet load from (building the tiny ones on first use)."""
+    m = cfg["models"]
+    if m["kind"] == "tiny":
+        from .tiny_models import ensure_tiny_models
+
+        b, c = ensure_tiny_models(resolve(m["base"]), resolve(m["controlnet"]), seed=int(m.get("seed", 0)))
+        return str(b), str(c)
+    # hub id or local folder: from_pretrained handles both (and the huggingface_hub cache).
+    local = [resolve(x) for x in (m["base"], m["controlnet"])]
+    return tuple(str(p) if p.exists() else x for p, x in zip(local, (m["base"], m["controlnet"])))  # type: ignore
+
+
+def prepare_loras(cfg: dict) -> list[dict]:
+    """The catalog with files in place: tiny LoRAs are built; real ones must have been fetched."""
+    catalog = load_catalog(cfg)
+    if cfg["models"]["kind"] == "tiny":
+        from .tiny_models import ensure_tiny_loras
+
+        base, _ = prepare_models(cfg)
+        ensure_tiny_loras(catalog, lora_dir(cfg), base)
+    missing = [e["path"] for e in catalog if not Path(e["path"]).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} LoRA files are missing (e.g. {missing[0]}); run `lorafind fetch --profile {cfg['name']}`"
+        )
+    return catalog
+
+
+def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "float32"):
+    """SD1.5 ControlNet img2img pipeline, loaded with ``from_pretrained`` for both profiles.
+
+    The scheduler is UniPC (from the checkpoint's own scheduler config), as
+    diffusers recommends for ControlNet at ~20 steps.
+    """
+    import diffusers
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+
+    quiet_libraries()
+    base, cn = prepare_models(cfg)
+    device = pick_device(str(device))
+    torch_dtype = DTYPES[dtype] if device.type != "cpu" else torch.float32
+    controlnet = ControlNetModel.from_pretrained(cn, dtype=torch_dtype)
+    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        base, controlnet=controlnet, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = getattr(diffusers, SCHEDULER).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+_PIPES: dict = {}
+
+
+def cached_pipeline(cfg: dict, dtype: str):
+    """The profile's pipeline, loaded once per process (worker processes swap LoRAs on it)."""
+    key = (cfg["models"]["base"], cfg["models"]["controlnet"], cfg["device"], dtype)
+    if key not in _PIPES:
+        _PIPES.clear()
+        _PIPES[key] = load_pipeline(cfg, cfg["device"], dtype)
+    return _PIPES[key]
+
+
+def base_skeletons(cfg: dict):
+    """The profile's UNet and text encoder on the meta device, built from their configs alone
+    (no weights read): enough to check a LoRA's module names and shapes."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    base, _ = prepare_models(cfg)
+    unet_cfg = UNet2DConditionModel.load_config(base, subfolder="unet")
+    te_cfg = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(unet_cfg), CLIPTextModel(te_cfg)
