@@ -271,11 +271,16 @@ def load_synth_set(synth_dir: str | Path, set_name: str, classes: list[str], ima
         if missing:
             raise ValueError(f"{folder}: {len(missing)} images in the manifest are missing (e.g. {missing[0]}.png)")
         for i in ids:
-            with Image.open(layout.synth_image(synth_dir, set_name, slug, i)) as im:
-                im = im.convert("RGB")
-                if im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                xs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+            path = layout.synth_image(synth_dir, set_name, slug, i)
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+            except Exception as e:  # PIL raises many types for broken files
+                raise ValueError(f"{path}: unreadable restyled image ({type(e).__name__}: {e}); run stage 01 "
+                                 "again (`lorafind synthesize`): it makes broken images again") from None
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            xs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             ys.append(k)
             groups.append(i)
             files.append(layout.synth_rel(set_name, slug, i))
@@ -458,11 +463,17 @@ def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None
     :raises CheckpointError: the label map does not match the catalog (names the differences).
     """
     ckpt_dir = Path(ckpt_dir)
-    lab_path = layout.labels_file(ckpt_dir)
-    if not lab_path.exists() or not layout.model_file(ckpt_dir).exists():
+    lab_path, model_path = layout.labels_file(ckpt_dir), layout.model_file(ckpt_dir)
+    if not lab_path.exists() or not model_path.exists():
         raise FileNotFoundError(f"no trained classifier in {ckpt_dir} (run stage 02: `lorafind train`)")
-    labels = json.loads(lab_path.read_text())
-    classes = labels["classes"]
+    rebuild = "retrain it (stage 02: `lorafind train`, or the run's stage)"
+    try:
+        labels = json.loads(lab_path.read_text())
+        classes = labels["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise TypeError("'classes' is not a list of LoRA slugs")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{lab_path}: not a label map ({type(e).__name__}: {e}); {rebuild}") from None
     if catalog_slugs is not None and list(catalog_slugs) != list(classes):
         extra, missing = sorted(set(classes) - set(catalog_slugs)), sorted(set(catalog_slugs) - set(classes))
         raise CheckpointError(
@@ -475,7 +486,10 @@ def load_checkpoint(ckpt_dir: str | Path, catalog_slugs: list[str] | None = None
     if backbone not in BACKBONES:
         raise CheckpointError(f"{ckpt_dir}: unknown backbone '{backbone}' in labels.json (have: {', '.join(BACKBONES)})")
     model = build_model(len(classes), hidden=int(labels.get("hidden", 512)), weights="none", backbone=backbone)
-    model.load_state_dict(load_state_dict(layout.model_file(ckpt_dir)))
+    try:
+        model.load_state_dict(load_state_dict(model_path))
+    except Exception as e:  # safetensors' SafetensorError (truncated, not safetensors), shape mismatches
+        raise CheckpointError(f"{model_path}: cannot be loaded ({type(e).__name__}: {e}); {rebuild}") from None
     return model.to(device).eval(), labels
 
 

@@ -5,7 +5,20 @@ import argparse
 import json
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, OSError)
+from .files import RunLocked
+
+USER_ERRORS = (ValueError, FileNotFoundError, OSError, RunLocked)
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
 
 
 def _profile_arg(p):
@@ -225,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rank", help="rank the catalog's LoRAs for style images (needs stage 02's classifier)")
     _profile_arg(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, help="show the K best (default: all)")
+    p.add_argument("--top", type=_positive, help="show the K best (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--run", help="classifier run under runs/<profile>/train/ (default: stage 02's)")
     p.set_defaults(func=cmd_rank)
@@ -285,6 +298,12 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lorafind rank … | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (StageFailed, *USER_ERRORS) as e:
         print(f"lorafind: error: {e}", file=sys.stderr)
         return 2

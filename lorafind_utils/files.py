@@ -1,18 +1,28 @@
-"""Atomic file writes: a killed run never leaves a half-written artifact behind."""
+"""Atomic file writes and run-folder locks: a killed run never leaves a half-written artifact
+behind, and two writers never mix their files in one folder."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import sys
+import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    The temporary name is unique per call (process id + random), so two processes writing the
+    same file never share one: each rename is atomic and a reader sees the old file or a whole
+    new one, never a torn one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -42,3 +52,66 @@ def write_markdown_table(path: str | Path, head: list[str], rows: list[list[str]
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run folder; the message names it."""
+
+
+@contextmanager
+def run_lock(folder: str | Path, what: str = "this run"):
+    """Hold an exclusive lock on a run folder while writing it (``fcntl.flock`` on ``.<name>.lock``
+    beside the folder, so that it survives the folder being swapped, see :func:`staged_dir`).
+
+    A second writer (another ``lorafind`` command, a notebook) is refused at once with a message
+    naming the holder (pid, host, command, start time), instead of mixing its files with the
+    first one's. The lock goes with the process: a killed holder leaves no stale lock.
+
+    :raises RunLocked: the folder is being written by another process.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.with_name(f".{folder.name}.lock")
+    f = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLocked(f"{folder} is being written by {holder}; wait for it to finish "
+                            f"(or stop it) before running {what} again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])[:120]}), "
+                f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield lock
+    finally:
+        f.close()  # releases the lock
+
+
+@contextmanager
+def staged_dir(final: str | Path):
+    """Write a whole folder elsewhere, then swap it into place: a reader sees the old folder or
+    the new one, never a mix (a killed run leaves the old one untouched).
+
+    Yields the staging folder (a sibling of ``final``); on success the old folder (if any) is
+    moved aside, the new one renamed into place, and the old one deleted.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    stage = final.with_name(f".{final.name}.partial-{token}")
+    stage.mkdir()
+    try:
+        yield stage
+        old = final.with_name(f".{final.name}.old-{token}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

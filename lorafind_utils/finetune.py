@@ -27,7 +27,7 @@ from .classifier import (
 )
 from . import layout
 from .config import load_catalog
-from .files import write_csv_atomic, write_json_atomic, write_markdown_table
+from .files import run_lock, staged_dir, write_csv_atomic, write_json_atomic, write_markdown_table
 from .metrics import classification_metrics
 from .models import profile_device
 
@@ -78,6 +78,14 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     :return: {"metrics": {...}, "history": [...], "split": {...}, "out_dir": str}
     """
     out_dir = Path(out_dir) if out_dir else layout.train_dir(cfg, p["run_name"])
+    # The run is written into a staging folder and swapped into place when complete, so a killed
+    # run leaves the previous one whole (never a new history.csv beside an old metrics.json).
+    with run_lock(out_dir, f"the training run {out_dir.name}"), staged_dir(out_dir) as stage:
+        res = _run_finetune(cfg, p, stage, progress, save_model, record)
+    return {**res, "out_dir": str(out_dir)}
+
+
+def _run_finetune(cfg: dict, p: dict, out_dir: Path, progress: bool, save_model: bool, record: dict | None) -> dict:
     device = profile_device(cfg)
     synth = layout.synth_dir(cfg)
     classes = [e["slug"] for e in load_catalog(cfg)]
@@ -112,8 +120,6 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
     if save_model:
         save_checkpoint(model, classes, out_dir, {"hidden": int(p["hidden"]), "backbone": backbone, "image_size": size,
                                                   "run_name": p["run_name"]})
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
     write_history(res.history, layout.history_file(out_dir))
 
     # "Pretrained ResNet50" as in the paper: frozen backbone, K-way head untrained.
@@ -129,7 +135,7 @@ def run_finetune(cfg: dict, p: dict, out_dir: str | Path | None = None, progress
                                    "best_epoch": pres.best_epoch, "trainable_params": pres.trainable_params}
     write_json_atomic(split, layout.split_file(out_dir))
     write_json_atomic({"params": p, **({"run": record} if record else {}), **metrics}, layout.metrics_file(out_dir))
-    return {"metrics": metrics, "history": res.history, "split": split, "out_dir": str(out_dir)}
+    return {"metrics": metrics, "history": res.history, "split": split}
 
 
 #: Display names of the backbones in tables and figures.

@@ -115,8 +115,14 @@ def read_synth_manifest(synth: str | Path) -> dict:
     """Stage 01's finished manifest; a run without one was interrupted."""
     p = synth_manifest(synth)
     if not p.exists():
-        raise FileNotFoundError(f"{p} not found: stage 01 has not finished (run `lorafind synthesize`)")
-    return json.loads(p.read_text())
+        raise FileNotFoundError(f"{p} not found: stage 01 has not finished (run stage 01: `lorafind synthesize`)")
+    try:
+        man = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); run stage 01 again (`lorafind synthesize`) to rewrite it") from None
+    if not isinstance(man, dict) or not all(k in man for k in ("sets", "loras", "items")):
+        raise ValueError(f"{p} is not a stage-01 manifest (no sets/loras/items); run stage 01 again (`lorafind synthesize`)")
+    return man
 
 
 # --- stages 02-04 ------------------------------------------------------------------------------

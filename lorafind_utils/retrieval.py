@@ -61,6 +61,9 @@ class Ranker:
         if not layout.model_file(ckpt).exists():
             raise FileNotFoundError(f"no trained classifier in {ckpt}: run stage 02 first "
                                     f"(`lorafind train --profile {cfg['name']}` or notebook 02_finetune)")
+        if not layout.metrics_file(ckpt).exists():  # runs are swapped in whole; this one never finished
+            raise FileNotFoundError(f"{ckpt} is an unfinished training run (no metrics.json): train it again "
+                                    f"(`lorafind train --profile {cfg['name']}`)")
         return cls(ckpt, load_catalog(cfg), device)
 
     def preprocess(self, image: str | Path | Image.Image) -> torch.Tensor:

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import layout
-from .files import atomic_path, write_json_atomic
+from .files import atomic_path, run_lock, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
 from .loras import check_lora_against_model, inspect_lora, load_lora
 from .models import SCHEDULER, base_skeletons, cached_pipeline, load_pipeline, pick_device, prepare_loras
@@ -99,32 +99,53 @@ def restyle(pipe, prepared: list[Prepared], seeds: list[int], p: dict, prompt: s
 SYNTH_KEYS = ("resolution", "steps", "strength", "controlnet_scale", "guidance_scale", "canny_low", "canny_high", "seed", "dtype")
 
 
-def restyle_with_lora(pipe, entry: dict, mine: list, params: dict, out_dir: Path, on_batch=None) -> int:
-    """Load one LoRA, restyle its pending images [(prepared, file, seed)] in batches, unload it.
+def batches(items: list, batch_size: int) -> list[list]:
+    """A LoRA's items in fixed batches of ``batch_size``, in catalog order.
 
-    Each PNG is written atomically as soon as its batch is done.
+    The batches are the same in every run, and a resumed run redoes a whole batch when any of
+    its images is missing or broken: an image's pixels come from the same pipeline call (the same
+    batch) as in an uninterrupted run, so a resumed run is byte-identical to one that was never
+    killed -- also where the CPU's summation order depends on the batch.
     """
-    bs = max(1, int(params["batch_size"]))
+    bs = max(1, int(batch_size))
+    return [items[i : i + bs] for i in range(0, len(items), bs)]
+
+
+def restyle_with_lora(pipe, entry: dict, chunks: list[list], params: dict, out_dir: Path, on_batch=None) -> int:
+    """Load one LoRA, restyle its batches [[(prepared, file, seed), ...], ...] (one pipeline call
+    each), unload it. Each PNG is written atomically as soon as its batch is done."""
     load_lora(pipe, entry["path"], entry["slug"], weight=1.0)  # each LoRA loaded once
+    n = 0
     try:
-        for i in range(0, len(mine), bs):
-            chunk = mine[i : i + bs]
+        for chunk in chunks:
             outs = restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], params)
             for (_, rel, _), im in zip(chunk, outs):
-                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out_dir / rel) as tmp:
                     im.save(tmp, format="PNG")
+            n += len(chunk)
             if on_batch:
                 on_batch(len(chunk))
     finally:
         pipe.unload_lora_weights()
-    return len(mine)
+    return n
+
+
+def finished(path: Path) -> bool:
+    """A restyled image that exists and decodes completely (a truncated or garbage file is redone)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for broken files
+        return False
 
 
 def _restyle_job(job: tuple) -> int:
     """A worker's job: one LoRA's images, on a pipeline loaded once per worker process."""
-    cfg, params, out_dir, entry, mine = job
-    return restyle_with_lora(cached_pipeline(cfg, params["dtype"]), entry, mine, params, out_dir)
+    cfg, params, out_dir, entry, chunks = job
+    return restyle_with_lora(cached_pipeline(cfg, params["dtype"]), entry, chunks, params, out_dir)
 
 
 def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True,
@@ -137,13 +158,18 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
     :param pipe: an already-loaded pipeline (else loaded from the profile).
     :param workers: processes restyling at once on CPU, one LoRA each (default: ``params["workers"]``,
         or 1 when ``pipe`` is given, which is then used here; ``auto``: cores / ``params["threads"]``);
-        always 1 on a GPU. Every job runs with ``params["threads"]`` torch threads (default 1), so
-        the images do not depend on the number of workers.
+        always 1 on a GPU. Every job runs with ``params["threads"]`` torch threads, so the images
+        do not depend on the number of workers. The folder is locked while it is written: a second
+        writer is refused (:class:`~lorafind_utils.files.RunLocked`), naming the first.
     :return: the manifest (also written to ``<out_dir>/manifest.json``).
     :raises LoraError: a LoRA that cannot load, before any image is made.
     """
     out_dir = Path(out_dir) if out_dir else layout.synth_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir, "stage 01 (synthesize)"):
+        return _synthesize(cfg, params, out_dir, pipe, progress, workers)
+
+
+def _synthesize(cfg: dict, params: dict, out_dir: Path, pipe, progress: bool, workers) -> dict:
     catalog = prepare_loras(cfg)
     given_pipe = pipe is not None
     # Every LoRA is checked against the base model before the first image is made (on the
@@ -164,6 +190,9 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         # CPU: torch threads per job. Another count sums in another order, and the random tiny
         # UNet can amplify that into visible differences, so it is a parameter of the images.
         threads=int(params["threads"]),
+        # Likewise the batch: a batched UNet call may sum in another order than a smaller one
+        # (measured: up to 19/255 between batch 1 and 8 on one CPU, 1/255 on another).
+        batch_size=int(params["batch_size"]),
     )
     pfile = layout.synth_params_file(out_dir)
     if pfile.exists():
@@ -174,8 +203,6 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
                 f"{out_dir} holds images made with other parameters ({', '.join(diff)}); "
                 "delete it or choose another runs_dir"
             )
-    else:
-        write_json_atomic(run_params, pfile, sort_keys=True)
 
     sets: dict[str, list[Prepared]] = {}
     skipped: list[dict] = []
@@ -187,33 +214,46 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         ok, bad = prepare_base_images(imgs, int(params["resolution"]), int(params["canny_low"]), int(params["canny_high"]))
         sets[name] = ok
         skipped += [dict(b, set=name) for b in bad]
+    # Everything is checked: only now does the folder get its parameters (a failed start leaves none).
+    if not pfile.exists():
+        write_json_atomic(run_params, pfile, sort_keys=True)
 
-    items, todo = [], {e["slug"]: [] for e in catalog}  # LoRA -> [(base image, file, seed)] still to make
+    items, todo, redone = [], {}, 0  # LoRA -> its batches with an image still to make
     for e in catalog:
+        mine = []
         for name, prepared in sets.items():
             for x in prepared:
                 rel = layout.synth_rel(name, e["slug"], x.image.id)
                 s = item_seed(int(params["seed"]), e["slug"], x.image.id)
                 items.append({"set": name, "lora": e["slug"], "image": x.image.id, "file": rel, "seed": s})
-                if not (out_dir / rel).exists():
-                    todo[e["slug"]].append((x, rel, s))
-    todo = {slug: mine for slug, mine in todo.items() if mine}
+                mine.append((x, rel, s))
+        pending = []
+        for chunk in batches(mine, params["batch_size"]):
+            missing = [t for t in chunk if not finished(out_dir / t[1])]
+            redone += sum((out_dir / t[1]).exists() for t in missing)  # broken files found and redone
+            if missing:
+                pending.append(chunk)
+        if pending:
+            todo[e["slug"]] = pending
+    if redone:
+        print(f"{redone} unreadable images in {out_dir} (truncated or damaged) are made again")
     entries = {e["slug"]: e for e in catalog}
     device = str(pick_device(cfg["device"]))
     threads = job_threads(device, run_params["threads"])
     if workers is None:
         workers = 1 if given_pipe else params["workers"]
     workers = resolve_workers(workers, device, len(todo), threads)
-    bar = tqdm(total=sum(map(len, todo.values())), desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
+    total = sum(len(c) for chunks in todo.values() for c in chunks)
+    bar = tqdm(total=total, desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
                unit="img", disable=not progress)
     if workers == 1:
         if todo and pipe is None:
             pipe = load_pipeline(cfg, cfg["device"], params["dtype"])
         with torch_threads(threads):
-            for slug, mine in todo.items():
-                restyle_with_lora(pipe, entries[slug], mine, params, out_dir, on_batch=bar.update)
+            for slug, chunks in todo.items():
+                restyle_with_lora(pipe, entries[slug], chunks, params, out_dir, on_batch=bar.update)
     else:  # one job per LoRA; each worker loads the pipeline once and uses the same thread count
-        jobs = [(cfg, params, out_dir, entries[slug], mine) for slug, mine in todo.items()]
+        jobs = [(cfg, params, out_dir, entries[slug], chunks) for slug, chunks in todo.items()]
         run_jobs(_restyle_job, jobs, workers=workers, threads=threads, on_done=lambda i, n: bar.update(n))
     bar.close()
     manifest = {

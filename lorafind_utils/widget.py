@@ -128,11 +128,12 @@ class RankWidget:
         if not value:
             raise ImageError("no file uploaded")
         item = value[0]
-        name = item.get("name", "upload")
-        size = int(item.get("size", len(item.get("content", b""))))
+        name = str(item.get("name", "upload"))
+        data = bytes(item.get("content", b""))
+        size = len(data)  # the bytes received, not the size the browser declared
         if size > MAX_UPLOAD_BYTES:
             raise ImageError(f"{name}: {size / 2**20:.0f} MB is too large (limit {MAX_UPLOAD_BYTES // 2**20} MB)")
-        return name, bytes(item.get("content", b""))
+        return name, data
 
     def _on_upload(self, change=None) -> None:
         try:

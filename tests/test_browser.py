@@ -57,6 +57,7 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path):
     slugs = [e["slug"] for e in load_catalog(cfg)]
     save_checkpoint(build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=9), slugs,
                     runs / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})
+    (runs / "train" / "finetune_variety" / "metrics.json").write_text("{}")  # a finished run
     query = tmp_path / "my_style.png"
     rng = np.random.default_rng(4)
     Image.fromarray((rng.integers(0, 80, (64, 64, 3)) + [150, 40, 90]).clip(0, 255).astype(np.uint8)).save(query)

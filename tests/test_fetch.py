@@ -177,6 +177,8 @@ def base(server, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("CIVITAI_TOKEN", raising=False)
     monkeypatch.setattr(download_mod, "RETRY_BACKOFF", 0.0)  # retry at once
+    # the loopback server plays Civitai here (the allow-list itself: tests/test_hostile.py)
+    monkeypatch.setattr(download_mod, "TOKEN_HOSTS", ("127.0.0.1",))
     server.log.clear()
     return f"http://127.0.0.1:{server.server_port}"
 

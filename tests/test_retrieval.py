@@ -26,6 +26,7 @@ def ranker_env(tmp_path_factory):
     slugs = [e["slug"] for e in load_catalog(cfg)]
     m = build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=3)
     save_checkpoint(m, slugs, root / "runs" / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})
+    (root / "runs" / "train" / "finetune_variety" / "metrics.json").write_text("{}")  # a finished run
     prof = root / "profile.yaml"
     prof.write_text(yaml.safe_dump(cfg))
     return cfg, prof, root
