@@ -123,10 +123,16 @@ def cmd_fetch(args):
 def cmd_rank(args):
     from .config import load_profile
     from .images import ImageError
-    from .retrieval import Ranker
 
     cfg = load_profile(args.profile, _overrides(args))
-    ranker = Ranker.from_profile(cfg, args.run)
+    if args.method == "index":
+        from .indexing import IndexRanker
+
+        ranker = IndexRanker.from_profile(cfg)
+    else:
+        from .retrieval import Ranker
+
+        ranker = Ranker.from_profile(cfg, args.run)
     results, failed = [], 0
     for r in ranker.rank_files(args.images):  # one batch; an unreadable file is reported, not fatal
         if isinstance(r, ImageError):
@@ -139,12 +145,59 @@ def cmd_rank(args):
         print(json.dumps([r.as_dict(k) for r in results], indent=2))
     else:
         for r in results:
-            print(f"\n{r.query}  (classifier: {ranker.backbone})")
+            print(f"\n{r.query}  ({ranker.backbone})")
+            if r.match is not None:
+                print(f"  {r.verdict()}")
             print(f"  {'rank':>4}  {'LoRA':<22} {'score':>7}")
             for i, (slug, name, score) in enumerate(r.top(k), 1):
-                print(f"  {i:>4}  {name:<22} {100 * score:6.2f}%  {'#' * round(30 * score)}")
+                bar = "#" * round(30 * max(score, 0))
+                shown = f"{100 * score:6.2f}%" if r.method == "classifier" else f"{score:7.3f}"
+                print(f"  {i:>4}  {name:<22} {shown}  {bar}")
     if failed:
         raise SystemExit(2)
+
+
+def cmd_index(args):
+    from . import indexing
+    from .config import load_profile
+
+    cfg = load_profile(args.profile, _overrides(args))
+    if args.index_cmd == "build":
+        _agg()
+        indexing.build(cfg)
+    elif args.index_cmd == "add":
+        if args.thumbnails:
+            if not args.name:
+                raise ValueError("--thumbnails needs --name (the LoRA's name in the index)")
+            indexing.add_thumbnails(cfg, args.thumbnails, args.name, replace=args.replace)
+        else:
+            if not args.file:
+                raise ValueError("give a LoRA file (or --thumbnails DIR --name NAME)")
+            indexing.add_lora(cfg, args.file, n_images=args.images, name=args.name, replace=args.replace)
+    elif args.index_cmd == "remove":
+        indexing.remove(cfg, args.name)
+    else:
+        r = indexing.IndexRanker.from_profile(cfg)
+        ix = r.index
+        print(f"{r.folder}: {len(ix)} LoRAs; encoder {ix.encoder.get('name')} ({ix.dim}-d), {ix.variant} entries")
+        for n in ix.names():
+            m = ix.entry(n).meta
+            print(f"  {n:<24} {m.get('source', ''):<12} {m.get('n_images', '')} images")
+
+
+def cmd_style(args):
+    from . import styles
+
+    if args.style_cmd == "list":
+        rows = styles.list_styles()
+        if args.json:
+            print(json.dumps([{"style": r["style"], "lora": r["lora"]} for r in rows], indent=2))
+        else:
+            for r in rows:
+                print(f"{r['style']:<20} {r['lora']:<18} {r['description']}")
+    else:
+        for out in styles.apply_to_files(args.name, args.images, args.out):
+            print(out)
 
 
 def cmd_generate(args):
@@ -241,7 +294,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive, help="show the K best (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--run", help="classifier run under runs/<profile>/train/ (default: stage 02's)")
+    p.add_argument("--method", choices=["classifier", "index"], default="classifier",
+                   help="classifier: stage 02's (the paper's method); index: the style-embedding index (stage 08), "
+                        "which also says when no LoRA of the catalog paints like the image")
     p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("index", help="the style-embedding LoRA index (stage 08): build, add a LoRA without retraining, remove")
+    isub = p.add_subparsers(dest="index_cmd", required=True)
+    c = isub.add_parser("build", help="train the style encoder if needed, build and calibrate the index")
+    _profile_arg(c)
+    c.set_defaults(func=cmd_index)
+    c = isub.add_parser("add", help="add a LoRA file (restyles N base images, embeds, adds) or one known by its previews")
+    _profile_arg(c)
+    c.add_argument("file", nargs="?", help="a LoRA .safetensors (checked as `lorafind lora check` does)")
+    c.add_argument("--images", type=_positive, help="base images to restyle with it (default: the profile's add_images)")
+    c.add_argument("--thumbnails", help="instead of a file: a folder of the LoRA's preview images (no synthesis)")
+    c.add_argument("--name", help="its name in the index (default: the file's stem)")
+    c.add_argument("--replace", action="store_true", help="replace an entry of the same name")
+    c.set_defaults(func=cmd_index)
+    c = isub.add_parser("remove", help="remove a LoRA from the index")
+    _profile_arg(c)
+    c.add_argument("name")
+    c.set_defaults(func=cmd_index)
+    c = isub.add_parser("list", help="the LoRAs in the index")
+    _profile_arg(c)
+    c.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("style", help="the tiny world's named styles (image operations)")
+    ssub = p.add_subparsers(dest="style_cmd", required=True)
+    c = ssub.add_parser("list", help="each style and the catalog LoRA trained on it")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_style)
+    c = ssub.add_parser("apply", help="apply a style to images; writes <stem>.png into --out")
+    c.add_argument("name", help="style name (e.g. 'pixel art') or LoRA slug (e.g. pixel_art)")
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--out", required=True, help="output folder")
+    c.set_defaults(func=cmd_style)
 
     p = sub.add_parser("generate", help="restyle a base image with one LoRA (stage 01's settings)")
     _profile_arg(p)

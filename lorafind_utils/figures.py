@@ -285,3 +285,37 @@ def table3_png(df, ordinals: list[str], caption: str, path: Path) -> None:
     fig.text(0.5, 0.01, caption, ha="center", fontsize=8, wrap=True)
     save_figure(fig, path)
     plt.close(fig)
+
+
+# --- stage 08 ---------------------------------------------------------------------------------------
+
+def open_set_plot(known_p, unknown_p, out_png: str | Path | None = None, title: str = ""):
+    """P(match) of queries in catalogued styles vs styles no LoRA paints, with the 0.5 threshold."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    bins = np.linspace(0, 1, 21)
+    ax.hist(np.asarray(known_p), bins=bins, alpha=0.6, label=f"catalogued styles ({len(known_p)})", color="#2a7ab9")
+    ax.hist(np.asarray(unknown_p), bins=bins, alpha=0.6, label=f"styles no LoRA paints ({len(unknown_p)})", color="#d9534f")
+    ax.axvline(0.5, color="black", ls=":", lw=1, label="threshold: below = 'none of these'")
+    ax.set_xlabel("P(the catalog has the query's LoRA)")
+    ax.set_ylabel("queries")
+    ax.set_title(title or "'None of these': calibrated top-1 score")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_png)
+
+
+def methods_plot(df, out_png: str | Path | None = None, title: str = ""):
+    """Top-1 and MRR per retrieval method (mean ± sd), one bar group per method and entry variant."""
+    import numpy as np
+
+    labels = [f"{m}\n{e}" if e else m for m, e in zip(df["method"], df["entry"])]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(labels)), 3.8))
+    for j, (col, name) in enumerate((("top1", "top-1"), ("mrr", "MRR"))):
+        ax.bar(x + (j - 0.5) * 0.38, df[f"{col}_mean"], 0.38, yerr=df[f"{col}_sd"].fillna(0), capsize=3, label=name)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("percent (mean ± sd over seeds)")
+    ax.set_title(title or "Retrieval by index vs the classifier (Table 3's queries)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_png)

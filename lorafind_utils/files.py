@@ -60,7 +60,7 @@ class RunLocked(RuntimeError):
 
 @contextmanager
 def run_lock(folder: str | Path, what: str = "this run"):
-    """Hold an exclusive lock on a run folder while writing it (``fcntl.flock`` on ``.<name>.lock``
+    """Hold an exclusive lock on a run folder while writing it (``fcntl.flock`` on ``.<name>.run.lock``
     beside the folder, so that it survives the folder being swapped, see :func:`staged_dir`).
 
     A second writer (another ``lorafind`` command, a notebook) is refused at once with a message
@@ -73,7 +73,7 @@ def run_lock(folder: str | Path, what: str = "this run"):
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = folder.with_name(f".{folder.name}.lock")
+    lock = folder.with_name(f".{folder.name}.run.lock")
     f = open(lock, "a+")
     try:
         try:

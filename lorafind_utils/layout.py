@@ -17,6 +17,8 @@
         thumbnails/<lora>/<image>            stage 05 queries (+ manifest.json)
         retrieval/rankings.json              stage 05 -> stage 06
         generate/figure8.json                stage 06
+        index/                               stage 08: encoders/<run>/, <encoder>-<variant>/ (a faiss
+                                             index: index.faiss, vectors.npy, index.json), results/
         style_lora/<run>/                    stage 07: catalog.yaml, sweep.json, style_set/, and per rank
             rank<r>/                         checkpoint/, pytorch_lora_weights.safetensors,
                                              lora_kohya.safetensors, training.json
@@ -182,6 +184,29 @@ def rankings_file(cfg: dict) -> Path:
 
 def figure8_file(cfg: dict) -> Path:
     return runs_dir(cfg) / "generate" / "figure8.json"
+
+
+# --- stage 08 ----------------------------------------------------------------------------------
+
+def index_root(cfg: dict) -> Path:
+    """``runs/<profile>/index/``: style encoders and LoRA indexes."""
+    return runs_dir(cfg) / "index"
+
+
+def encoder_dir(cfg: dict, run: str) -> Path:
+    """A trained style encoder (``encoder.safetensors`` + ``encoder.json``)."""
+    return index_root(cfg) / "encoders" / run
+
+
+def index_dir(cfg: dict, encoder: str, variant: str) -> Path:
+    """One LoRA index (faiss + vectors + metadata), by the encoder and entry variant that built it."""
+    safe = encoder.replace(":", "_").replace("/", "_")
+    return index_root(cfg) / f"{safe}-{variant}"
+
+
+def index_results(cfg: dict, name: str) -> Path:
+    """Stage 08's per-query / per-run tables (JSON)."""
+    return index_root(cfg) / "results" / f"{name}.json"
 
 
 # --- stage 07 ----------------------------------------------------------------------------------

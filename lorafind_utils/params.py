@@ -142,6 +142,13 @@ STAGE_PARAMS: dict[str, dict[str, Param]] = {
         "feature_net": Param("str", choices=("inception", "efficientnet_lite0")),
         "lpips_backbone": Param("str", choices=("imagenet", "random")), "clip_model": STR, "run_name": RUN,
     },
+    "08_index": {
+        "encoder": Param("str", empty=False), "variant": Param("str", choices=("prototype", "content_cancelled")),
+        "compare": Param("list[str]", empty=False), "embed_dim": POS, "hidden": POS, "epochs": POS,
+        "lr": Param("float", lo=1e-12), "bases_per_batch": Param("int", lo=2), "temperature": Param("float", lo=1e-4),
+        "seeds": Param("list[int]", lo=0, empty=False), "open_set_styles": Param("list[str]"), "open_set_set": SET,
+        "open_set_images": POS, "add_images": POS, "folds": NONNEG, "latency_queries": POS, "run_name": RUN,
+    },
 }
 
 #: A profile's top level (``models`` and ``base_images`` are checked inside too).

@@ -29,6 +29,10 @@ class Ranking:
     slugs: list[str]
     names: list[str]
     scores: list[float]
+    #: index rankings: does the catalog have the query's LoRA ("none of these" when False), and P of it
+    match: bool | None = None
+    match_p: float | None = None
+    method: str = "classifier"
 
     def rank_of(self, slug: str) -> int:
         """1-based position of ``slug`` in this ranking."""
@@ -38,8 +42,19 @@ class Ranking:
         return list(zip(self.slugs, self.names, self.scores))[:k]
 
     def as_dict(self, k: int | None = None) -> dict:
-        return {"query": self.query, "ranking": [{"rank": i + 1, "lora": s, "name": n, "score": round(p, 6)}
-                                                 for i, (s, n, p) in enumerate(self.top(k or len(self.slugs)))]}
+        out = {"query": self.query, "method": self.method}
+        if self.match is not None:
+            out.update(match=self.match, match_probability=round(self.match_p, 4))
+        out["ranking"] = [{"rank": i + 1, "lora": s, "name": n, "score": round(p, 6)}
+                          for i, (s, n, p) in enumerate(self.top(k or len(self.slugs)))]
+        return out
+
+    def verdict(self) -> str:
+        """One line: the best LoRA, or (index rankings) that no LoRA of the catalog paints like this."""
+        if self.match is False:
+            return (f"no LoRA in the catalog paints like this -- closest: {self.names[0]} (score {self.scores[0]:.3f}, "
+                    f"P(match) {self.match_p:.2f}); train one with `lorafind train-lora`")
+        return f"best: {self.names[0]} (score {self.scores[0]:.3f})"
 
 
 class Ranker:

@@ -15,6 +15,7 @@ stage                  entry point                         command line
 05_retrieve_thumbnails :func:`retrieve`                    ``lorafind stage 05``
 06_generate            :func:`generate`                    ``lorafind stage 06``
 07_train_style_lora    :func:`train_style_lora`            ``lorafind train-lora``
+08_index               :func:`index`                       ``lorafind stage 08`` (``lorafind index build``)
 =====================  ==================================  ====================================
 """
 from __future__ import annotations
@@ -248,6 +249,25 @@ def train_style_lora(cfg: dict, params: dict, source: str = "parameters", progre
     return {**res, "table": table, "files": files, "figures": figs}
 
 
+def index(cfg: dict, params: dict, source: str = "parameters", progress: bool = True, log=print) -> dict:
+    """Stage 08: the style-embedding index against the classifier; builds the profile's index.
+
+    :return: stage 08's results (methods, folds, open_set, add, latency_ms, thumbnails_vs_synth) + figures
+    """
+    from .figures import methods_plot, open_set_plot
+    from .indexing import run_stage
+
+    p = check_stage_params("08_index", params, source)
+    res = run_stage(cfg, p, progress=progress, log=log)
+    for name in ("index_methods.md", "index_leave_out.md", "index_open_set.md", "index_costs.md"):
+        if layout.figure(cfg, name).exists():
+            log(layout.figure(cfg, name).read_text())
+    figs = [_plot(methods_plot, res["methods_df"], out=layout.figure(cfg, "index_methods.png"))]
+    if len(res["unknown_p"]):
+        figs.append(_plot(open_set_plot, res["known_p"], res["unknown_p"], out=layout.figure(cfg, "index_open_set.png")))
+    return {**res, "figures": figs}
+
+
 #: stage name -> entry point
 STAGES: dict[str, Callable] = {
     "01_synthesize": synthesize,
@@ -257,6 +277,7 @@ STAGES: dict[str, Callable] = {
     "05_retrieve_thumbnails": retrieve,
     "06_generate": generate,
     "07_train_style_lora": train_style_lora,
+    "08_index": index,
 }
 
 

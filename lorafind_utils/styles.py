@@ -419,6 +419,29 @@ def light_watercolour(image: Image.Image, seed: int = DEFAULT_SEED) -> Image.Ima
     return _out(_watercolour(_rgb(image), seed, patch=1 / 48, texture=0.03, darken=0.15, wash=0.08))
 
 
+# ------------------------------------------------------- styles no LoRA of the catalog paints
+
+
+def thermal(image: Image.Image) -> Image.Image:
+    """Thermal camera: luminance through OpenCV's JET colour map (blue cold, red hot)."""
+    g = (_stretch(_grey(_rgb(image)).astype(np.float32)) * 255).astype(np.uint8)
+    return _out(cv2.cvtColor(cv2.applyColorMap(g, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB))
+
+
+def emboss(image: Image.Image) -> Image.Image:
+    """Embossed metal: a directional relief of the luminance on mid grey, slightly warm."""
+    g = _grey(_rgb(image)).astype(np.float32)
+    k = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32)
+    r = cv2.filter2D(g, -1, k) * 0.5 + 128
+    return _out(np.stack([r + 6, r, r - 8], axis=-1))
+
+
+def negative(image: Image.Image) -> Image.Image:
+    """Photographic negative with an orange film-base cast."""
+    a = 255.0 - _rgb(image).astype(np.float32)
+    return _out(a * np.array([1.0, 0.78, 0.55], np.float32) + np.array([40, 18, 0], np.float32))
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -457,6 +480,11 @@ STYLES: dict[str, Style] = {
 }
 
 
+#: Styles that no catalog LoRA is trained on: the "none of these" queries of stage 08.
+UNCATALOGUED: dict[str, Style] = {s.name: s for s in (_style("thermal", "", "", thermal), _style("emboss", "", "", emboss),
+                                                      _style("negative", "", "", negative))}
+
+
 def style_names() -> list[str]:
     """The style names in catalog order."""
     return list(STYLES)
@@ -469,6 +497,8 @@ def get_style(name: str) -> Style:
     """
     if name in STYLES:
         return STYLES[name]
+    if name in UNCATALOGUED:
+        return UNCATALOGUED[name]
     for s in STYLES.values():
         if s.lora == name:
             return s

@@ -40,13 +40,14 @@ def _image(im: Image.Image, size: int = 96) -> W.Image:
 class RankWidget:
     """Upload -> ranked LoRAs (score bars, sample images) -> generate with a chosen LoRA."""
 
-    def __init__(self, cfg: dict, run_name: str | None = None, top: int = 5, sample_set: str = "variety"):
+    def __init__(self, cfg: dict, run_name: str | None = None, top: int = 5, sample_set: str = "variety",
+                 method: str = "classifier"):
         self.cfg = cfg
         self.run_name = run_name
         self.catalog = load_catalog(cfg)
         self.entries = {e["slug"]: e for e in self.catalog}
         self.sample_set = sample_set
-        self._ranker = None
+        self._rankers: dict = {}
         self._pipe = None
         self._samples: dict | None = None
         self.query: Image.Image | None = None
@@ -56,6 +57,9 @@ class RankWidget:
         self.top = W.IntSlider(value=min(top, len(self.catalog)), min=1, max=len(self.catalog), description="Show top",
                                continuous_update=False)
         self.status = W.HTML(value="Upload an image in the style you want.")
+        self.method = W.ToggleButtons(options=[("classifier (stage 02)", "classifier"), ("style index (stage 08)", "index")],
+                                      value=method, description="Rank by",
+                                      tooltips=["the paper's classifier", "the embedding index: also says 'none of these'"])
         self.query_view = W.Box()
         self.results = W.VBox()
         self.results.add_class("lorafind-ranking")
@@ -70,11 +74,13 @@ class RankWidget:
         self.generated = W.HBox()
 
         self.upload.observe(self._on_upload, names="value")
+        self.method.observe(lambda _: self._on_upload() if self.upload.value else None, names="value")
         self.top.observe(lambda _: self._show_ranking(), names="value")
         self.generate_button.on_click(self._on_generate)
         self.ui = W.VBox([
             W.HTML("<b>Find the LoRAs that paint in this style</b>"),
             W.HBox([self.upload, self.top]),
+            self.method,
             self.status,
             W.HBox([self.query_view, self.results]),
             W.HTML("<b>Generate</b> with a LoRA from a base image (same settings as stage 01)"),
@@ -105,11 +111,19 @@ class RankWidget:
 
     @property
     def ranker(self):
-        if self._ranker is None:
-            from .retrieval import Ranker
+        """The chosen method's ranker, loaded once; the index re-reads itself when it changes on disk,
+        so a LoRA added with `lorafind index add` is found by the next upload."""
+        m = self.method.value
+        if m not in self._rankers:
+            if m == "index":
+                from .indexing import IndexRanker
 
-            self._ranker = Ranker.from_profile(self.cfg, self.run_name)
-        return self._ranker
+                self._rankers[m] = IndexRanker.from_profile(self.cfg)
+            else:
+                from .retrieval import Ranker
+
+                self._rankers[m] = Ranker.from_profile(self.cfg, self.run_name)
+        return self._rankers[m]
 
     def samples(self) -> dict:
         """One stage-01 image per LoRA, or none if stage 01 has not run."""
@@ -145,9 +159,12 @@ class RankWidget:
             return
         try:
             ranker = self.ranker
-        except FileNotFoundError:
-            self._say("No trained classifier yet: run stage 02 first (notebook 02_finetune, or `lorafind train "
-                      f"--profile {self.cfg['name']}`).", error=True)
+        except FileNotFoundError as e:
+            if self.method.value == "index":
+                self._say(f"No LoRA index yet: {e}", error=True)
+            else:
+                self._say("No trained classifier yet: run stage 02 first (notebook 02_finetune, or `lorafind train "
+                          f"--profile {self.cfg['name']}`).", error=True)
             return
         except (ValueError, OSError, RuntimeError) as e:  # e.g. a checkpoint that does not fit the catalog
             self._say(f"The classifier cannot be used: {e}", error=True)
@@ -160,9 +177,14 @@ class RankWidget:
         self.query = im
         self.ranking = ranking
         self.query_view.children = [W.VBox([_image(im, 160), W.Label(name)])]
-        self.lora.value = self.ranking.slugs[0]
+        if self.ranking.slugs[0] in self.entries:  # an index entry may be a LoRA outside the catalog
+            self.lora.value = self.ranking.slugs[0]
         self.generate_button.disabled = False
-        self._say(f"{name}: LoRAs ranked by the classifier ({ranker.backbone}).")
+        if self.ranking.match is False:
+            self._say(f"{name}: {self.ranking.verdict()}.", error=True)
+        else:
+            self._say(f"{name}: LoRAs ranked by the {'style index' if self.ranking.method == 'index' else 'classifier'} "
+                      f"({ranker.backbone}).")
         self._show_ranking()
 
     def _show_ranking(self) -> None:
@@ -170,10 +192,11 @@ class RankWidget:
             return
         rows, samples = [], self.samples()
         for i, (slug, name, score) in enumerate(self.ranking.top(self.top.value), 1):
-            bar = W.FloatProgress(value=score, min=0.0, max=1.0, layout=W.Layout(width="160px"))
+            bar = W.FloatProgress(value=min(max(score, 0.0), 1.0), min=0.0, max=1.0, layout=W.Layout(width="160px"))
+            shown = f"{100 * score:.1f} %" if self.ranking.method == "classifier" else f"cos {score:.3f}"
             parts = [W.HTML(f"<b>{i}.</b>", layout=W.Layout(width="28px")),
                      W.HTML(html.escape(name), layout=W.Layout(width="150px")).add_class("lorafind-name"), bar,
-                     W.HTML(f"{100 * score:.1f} %", layout=W.Layout(width="60px"))]
+                     W.HTML(shown, layout=W.Layout(width="72px"))]
             if slug in samples:
                 parts.append(_image(samples[slug], 56))
             rows.append(W.HBox(parts, layout=W.Layout(align_items="center")))
