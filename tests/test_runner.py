@@ -41,10 +41,12 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
                      "06_generate": {"queries": [0, 5]},
                      "07_train_style_lora": {"ranks": [2], "steps": 4, "n_style_images": 8, "batch_size": 2,
                                              "checkpoint_every": 2, "eval_seeds": [0, 1],
-                                             "eval_prompts": ["a red house, in the style of duotone poster", "a cat"]}}}
+                                             "eval_prompts": ["a red house, in the style of duotone poster", "a cat"]},
+                     "08_index": {"encoder": "gram", "compare": ["gram"], "folds": 0, "open_set_images": 2,
+                                  "add_images": 2, "latency_queries": 2}}}
     recs = run_study("tiny", overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
     assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune", "03_ablate_sizes", "04_domain_vs_variety",
-                                          "05_retrieve_thumbnails", "06_generate", "07_train_style_lora"]
+                                          "05_retrieve_thumbnails", "06_generate", "07_train_style_lora", "08_index"]
     assert all(r["status"] == "ok" for r in recs)
     fig = tmp_path / "fig"
     # stage 02 artifacts: checkpoint + label map, history, metrics with both baselines, split by base image
@@ -61,7 +63,8 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md", "ablation_sizes.png",
               "domain_vs_variety.png", "table2.csv", "table2.md", "table2.png", "table3.csv", "table3.md", "table3.png",
               "retrieval_examples.png", "figure8.png", "style_lora_ranks.csv", "style_lora_ranks.md", "style_lora_loss.png",
-              "style_lora_grid.png", "style_lora_base_vs_ft.png", "style_lora_metrics.png"):
+              "style_lora_grid.png", "style_lora_base_vs_ft.png", "style_lora_metrics.png", "index_methods.md",
+              "index_methods.png", "index_open_set.md", "index_open_set.png", "index_costs.md"):
         assert (fig / f).exists(), f
     # stages 03-04: every run validated on stage 02's validation set; the faces run trained on faces
     import pandas as pd
@@ -98,6 +101,11 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert [r["model"] for r in sweep["rows"]] == ["base", "base", "rank 2", "rank 2"]
     assert all({"fid", "kid", "lpips", "clip", "is"} <= set(r) for r in sweep["rows"])
     assert (runs / "style_lora" / "style_lora" / "rank2" / "lora_kohya.safetensors").exists()
+    # stage 08: the index rows against the classifier's on the same queries; the saved index answers `rank --method index`
+    methods = pd.read_csv(fig / "index_methods.csv")
+    assert len(methods) == 3 and methods["method"].iloc[-1].startswith("classifier")
+    assert methods["top1_mean"].iloc[-1] == pytest.approx(100 * ranked["metrics"]["all"]["top1"])
+    assert (runs / "index" / "gram-prototype" / "index.json").exists()
     nb = nbformat.read(tmp_path / "pm" / "01_synthesize.ipynb", as_version=4)
     assert nb.metadata["papermill"]["parameters"]["max_images"] == 3
     man = json.loads((runs / "synth" / "manifest.json").read_text())
