@@ -224,6 +224,17 @@ def cmd_bench(args):
     from .config import load_profile
 
     cfg = load_profile(args.profile, _overrides(args))
+    if args.bench_cmd == "index":
+        from . import layout
+        from .index_bench import bench_index, write_bench_table
+
+        rows = []
+        for dim in args.dims:
+            rows += bench_index(args.sizes, dim, args.queries, 10, args.kinds, build_threads=1, max_bytes=args.max_gb * 1e9)
+        csv_path, md = write_bench_table(rows, layout.figure(cfg, "index_bench"))
+        print(open(md).read())
+        print(f"wrote {csv_path} and {md}")
+        return
     if args.bench_cmd == "rank":
         res = bench_rank(cfg, n_queries=args.images)
     elif args.bench_cmd == "train":
@@ -354,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=8)
     b.add_argument("--loras", type=int, default=3)
     b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("index", help="faiss index types at catalog sizes: build time, memory, latency, recall@10")
+    _profile_arg(b)
+    b.add_argument("--sizes", type=_positive, nargs="+", default=[1_000, 10_000, 100_000])
+    b.add_argument("--dims", type=_positive, nargs="+", default=[128, 512])
+    b.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivf"], choices=["flat", "hnsw", "ivf"])
+    b.add_argument("--queries", type=_positive, default=200)
+    b.add_argument("--max-gb", type=float, default=4.0, help="skip sizes whose vectors and indexes would exceed this")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser("rank", help="ranking latency per query and batch throughput (needs stage 02)")
