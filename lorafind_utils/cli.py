@@ -64,7 +64,12 @@ def cmd_synthesize(args):
     from . import stages
 
     cfg, p, source = _stage_args(args, "01_synthesize", ("sets", "max_images"))
-    res = stages.synthesize(cfg, p, source)
+    try:
+        res = stages.synthesize(cfg, p, source, engine=args.engine, address=args.address)
+    except RuntimeError as e:  # ray_engine.RestyleFailed: jobs failed; the others finished, a rerun resumes
+        if type(e).__name__ != "RestyleFailed":
+            raise
+        raise ValueError(str(e)) from None
     for f in res["figures"]:
         print(f"grid: {f}")
 
@@ -155,6 +160,22 @@ def cmd_rank(args):
                 print(f"  {i:>4}  {name:<22} {shown}  {bar}")
     if failed:
         raise SystemExit(2)
+
+
+def cmd_catalog_import(args):
+    from .catalog_import import import_catalog
+    from .config import load_profile, stage_params
+
+    cfg = load_profile(args.profile, _overrides(args))
+    p = stage_params(cfg, "01_synthesize")
+    if args.sets:
+        p["sets"] = args.sets
+    if args.max_images is not None:
+        p["max_images"] = args.max_images
+    s = import_catalog(cfg, args.source, args.out, params=p, restyle=not args.no_restyle, engine=args.engine,
+                       address=args.address, workers=args.workers)
+    if s["failed"]:
+        raise SystemExit(1)  # retryable failures: rerun the same command
 
 
 def cmd_index(args):
@@ -263,7 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", nargs="+", help="base-image sets (default: the profile's)")
     p.add_argument("--max-images", type=int, help="first N images of each set (0 = all)")
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine; ray: Ray actors, one per GPU (or CPU actors)")
+    p.add_argument("--address", help="with --engine ray: auto or HOST:PORT of a running Ray cluster "
+                   "(default: $RAY_ADDRESS, else a new local Ray instance)")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("catalog", help="LoRA catalogs at scale")
+    csub = p.add_subparsers(dest="catalog_cmd", required=True)
+    c = csub.add_parser("import", help="fetch, check and restyle many LoRAs; resumable, one status file per LoRA")
+    c.add_argument("source", help="folder of .safetensors files, or YAML/JSON list of Civitai model-version ids")
+    _profile_arg(c)
+    c.add_argument("--out", help="the import's folder (default: <runs_dir>/imports/<source name>)")
+    c.add_argument("--no-restyle", action="store_true", help="fetch and check only")
+    c.add_argument("--engine", choices=["local", "ray"], default="local")
+    c.add_argument("--address", help="with --engine ray: auto or HOST:PORT")
+    c.add_argument("--workers", type=lambda v: v if v == "auto" else _positive(v))
+    c.add_argument("--sets", nargs="+")
+    c.add_argument("--max-images", type=int)
+    c.set_defaults(func=cmd_catalog_import)
 
     p = sub.add_parser("train", help="stage 02: fine-tune the classifier and evaluate the baselines")
     _profile_arg(p)

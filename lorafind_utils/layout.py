@@ -209,6 +209,11 @@ def index_results(cfg: dict, name: str) -> Path:
     return index_root(cfg) / "results" / f"{name}.json"
 
 
+def import_dir(cfg: dict, name: str) -> Path:
+    """A catalog import (``lorafind catalog import``): its own loras/, synth/, status/, catalog.yaml."""
+    return runs_dir(cfg) / "imports" / name
+
+
 # --- stage 07 ----------------------------------------------------------------------------------
 
 def style_lora_dir(cfg: dict, run: str) -> Path:

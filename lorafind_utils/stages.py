@@ -51,8 +51,12 @@ def show(paths) -> None:
         display(Image(filename=str(p)))
 
 
-def synthesize(cfg: dict, params: dict, source: str = "parameters", progress: bool = True, log=print) -> dict:
+def synthesize(cfg: dict, params: dict, source: str = "parameters", progress: bool = True, log=print,
+               engine: str = "local", address: str | None = None) -> dict:
     """Stage 01: restyle every base image with every LoRA; grid figures (the paper's Figure 7).
+
+    :param engine: ``local`` (this machine: one process, or worker processes on CPU) or ``ray``
+        (Ray actors, one per GPU; ``address``: ``auto`` or ``HOST:PORT`` of a running cluster).
 
     :return: {"manifest", "synth_dir", "figures": [PNG paths]}
     """
@@ -62,7 +66,7 @@ def synthesize(cfg: dict, params: dict, source: str = "parameters", progress: bo
     p = check_stage_params("01_synthesize", params, source)
     log(f"profile {cfg['name']}: {cfg['description']}")
     synth = layout.synth_dir(cfg)
-    man = run(cfg, p, synth, progress=progress)
+    man = run(cfg, p, synth, progress=progress, engine=engine, address=address)
     log(f"{len(man['items'])} restyled images in {synth} ({len(man['skipped'])} base images skipped)")
     for s in man["skipped"]:
         log(f"skipped: {s}")

@@ -148,8 +148,11 @@ def _restyle_job(job: tuple) -> int:
     return restyle_with_lora(cached_pipeline(cfg, params["dtype"]), entry, chunks, params, out_dir)
 
 
+ENGINES = ("local", "ray")
+
+
 def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=None, progress: bool = True,
-               workers=None) -> dict:
+               workers=None, engine: str = "local", address: str | None = None) -> dict:
     """Make the F sets: every (LoRA, set, base image) restyled once. Resumable.
 
     :param cfg: the profile (models, catalog, base-image sets).
@@ -161,15 +164,29 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
         always 1 on a GPU. Every job runs with ``params["threads"]`` torch threads, so the images
         do not depend on the number of workers. The folder is locked while it is written: a second
         writer is refused (:class:`~lorafind_utils.files.RunLocked`), naming the first.
+    :param engine: ``local`` (this machine: in-process or worker processes) or ``ray`` (the same jobs on
+        Ray actors, see :mod:`lorafind_utils.ray_engine`: one per GPU, or ``workers`` CPU actors; ``pipe``
+        is then used for the checks only). Both write the same files and manifest, byte for byte.
+    :param address: ``ray`` only: ``auto`` or ``HOST:PORT`` of a running Ray cluster (default:
+        ``$RAY_ADDRESS``, else a new local Ray instance); on a cluster, ``out_dir`` must be on a
+        filesystem every node shares.
     :return: the manifest (also written to ``<out_dir>/manifest.json``).
-    :raises LoraError: a LoRA that cannot load, before any image is made.
+    :raises LoraError: a LoRA that cannot load, before any image is made (``ray``: a LoRA that fails
+        only when diffusers loads it is reported after the other LoRAs' images are made,
+        :class:`~lorafind_utils.ray_engine.LorasRefused`; a failed job:
+        :class:`~lorafind_utils.ray_engine.RestyleFailed`).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if address and engine != "ray":
+        raise ValueError(f"address={address!r} names a Ray cluster; it needs engine='ray'")
     out_dir = Path(out_dir) if out_dir else layout.synth_dir(cfg)
     with run_lock(out_dir, "stage 01 (synthesize)"):
-        return _synthesize(cfg, params, out_dir, pipe, progress, workers)
+        return _synthesize(cfg, params, out_dir, pipe, progress, workers, engine, address)
 
 
-def _synthesize(cfg: dict, params: dict, out_dir: Path, pipe, progress: bool, workers) -> dict:
+def _synthesize(cfg: dict, params: dict, out_dir: Path, pipe, progress: bool, workers, engine: str = "local",
+                address: str | None = None) -> dict:
     catalog = prepare_loras(cfg)
     given_pipe = pipe is not None
     # Every LoRA is checked against the base model before the first image is made (on the
@@ -238,24 +255,31 @@ def _synthesize(cfg: dict, params: dict, out_dir: Path, pipe, progress: bool, wo
     if redone:
         print(f"{redone} unreadable images in {out_dir} (truncated or damaged) are made again")
     entries = {e["slug"]: e for e in catalog}
-    device = str(pick_device(cfg["device"]))
-    threads = job_threads(device, run_params["threads"])
-    if workers is None:
-        workers = 1 if given_pipe else params["workers"]
-    workers = resolve_workers(workers, device, len(todo), threads)
-    total = sum(len(c) for chunks in todo.values() for c in chunks)
-    bar = tqdm(total=total, desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
-               unit="img", disable=not progress)
-    if workers == 1:
-        if todo and pipe is None:
-            pipe = load_pipeline(cfg, cfg["device"], params["dtype"])
-        with torch_threads(threads):
-            for slug, chunks in todo.items():
-                restyle_with_lora(pipe, entries[slug], chunks, params, out_dir, on_batch=bar.update)
-    else:  # one job per LoRA; each worker loads the pipeline once and uses the same thread count
-        jobs = [(cfg, params, out_dir, entries[slug], chunks) for slug, chunks in todo.items()]
-        run_jobs(_restyle_job, jobs, workers=workers, threads=threads, on_done=lambda i, n: bar.update(n))
-    bar.close()
+    if engine == "ray":  # the same jobs on Ray actors, which write the same files; the manifest is written here
+        from .ray_engine import run_ray
+
+        run_ray(cfg, params, out_dir, [(entries[slug], chunks) for slug, chunks in todo.items()], restyle_with_lora,
+                finished, workers=params["workers"] if workers is None else workers, threads=run_params["threads"],
+                address=address, progress=progress)
+    else:  # this machine: in this process, or one LoRA per worker process
+        device = str(pick_device(cfg["device"]))
+        threads = job_threads(device, run_params["threads"])
+        if workers is None:
+            workers = 1 if given_pipe else params["workers"]
+        workers = resolve_workers(workers, device, len(todo), threads)
+        total = sum(len(c) for chunks in todo.values() for c in chunks)
+        bar = tqdm(total=total, desc=f"restyling ({workers} workers)" if workers > 1 else "restyling",
+                   unit="img", disable=not progress)
+        if workers == 1:
+            if todo and pipe is None:
+                pipe = load_pipeline(cfg, cfg["device"], params["dtype"])
+            with torch_threads(threads):
+                for slug, chunks in todo.items():
+                    restyle_with_lora(pipe, entries[slug], chunks, params, out_dir, on_batch=bar.update)
+        else:  # one job per LoRA; each worker loads the pipeline once and uses the same thread count
+            jobs = [(cfg, params, out_dir, entries[slug], chunks) for slug, chunks in todo.items()]
+            run_jobs(_restyle_job, jobs, workers=workers, threads=threads, on_done=lambda i, n: bar.update(n))
+        bar.close()
     manifest = {
         "params": run_params,
         "loras": [
