@@ -593,8 +593,9 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
 
     cached_pipeline(cfg, stage_params(cfg, "01_synthesize")["dtype"])  # loaded once, as in a long-lived process
     with tempfile.TemporaryDirectory(prefix="lorafind-add-") as tmp:
-        shutil.copytree(folder, Path(tmp) / "index")
-        r = IndexRanker(cfg, enc, Path(tmp) / "index")
+        scratch = Path(tmp) / folder.name  # a copy: the measured add must not change the profile's index
+        shutil.copytree(folder, scratch)
+        r = IndexRanker(cfg, enc, scratch)
         e = catalog[0]
         add = add_lora(cfg, e["path"], name=f"{e['slug']}_copy", ranker=r, progress=False, log=lambda *a: None)
     m02 = layout.metrics_file(layout.train_dir(cfg, _p02(cfg)["run_name"]))
