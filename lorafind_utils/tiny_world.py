@@ -482,7 +482,7 @@ def sha256(path: Path) -> str:
 
 
 def phash(im: Image.Image) -> np.ndarray:
-    """64-bit DCT perceptual hash (as data/tiny_world/build_photo_pools.py computes it)."""
+    """64-bit DCT perceptual hash (as scripts/build_photo_pools.py computes it)."""
     g = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float32)
     d = cv2.dct(g)[:8, :8]
     return (d > np.median(d)).flatten()

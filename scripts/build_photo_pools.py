@@ -20,7 +20,7 @@ How to rebuild (no project dependency is added; scikit-image only in the venv us
       apt-get download tuxpaint-stamps-default gnome-control-center-data opencv-doc dde-account-faces
     for f in *.deb; do p=${f%%_*}; mkdir -p /tmp/tw_root/$p; dpkg-deb -x $f /tmp/tw_root/$p; done
     .venv/bin/pip install scikit-image
-    .venv/bin/python data/tiny_world/build_photo_pools.py --root /tmp/tw_root
+    .venv/bin/python scripts/build_photo_pools.py --root /tmp/tw_root
 
 Output: 144x144 JPEG q90 files + manifest.csv (file,subject,category,source,license,original_size).
 Deterministic for the same package versions (Debian bookworm, scikit-image 0.26, Pillow 13).
