@@ -28,3 +28,13 @@ bench: install
 
 clean-runs:
 	rm -rf runs/$(PROFILE) papermill_runs/$(PROFILE)
+
+# make dryrun        -- the paper profile's code path and settings on CPU, counts cut (runs/dryrun/; ~8 GB while it runs)
+# make clean-dryrun  -- remove everything the dry run wrote
+DRYRUN_ARGS ?=
+.PHONY: dryrun clean-dryrun
+dryrun: install
+	nice -n 5 $(BIN)/python -m lorafind_utils.dryrun $(DRYRUN_ARGS)
+
+clean-dryrun:
+	rm -rf runs/dryrun

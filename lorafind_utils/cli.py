@@ -36,6 +36,19 @@ def _overrides(args) -> dict:
 
 
 def cmd_study(args):
+    if args.dry_run:
+        from . import dryrun
+
+        if args.profile != "paper":
+            raise ValueError("--dry-run runs the paper profile's code path on CPU; use it with --profile paper")
+        argv = (["--smoke"] if args.smoke else []) + (["--keep-models"] if args.keep_models else [])
+        argv += (["--only", *args.only] if args.only else []) + (["--from", getattr(args, "from")] if getattr(args, "from") else [])
+        code = dryrun.main(argv)
+        if code:
+            raise SystemExit(code)
+        return
+    if args.smoke or args.keep_models:
+        raise ValueError("--smoke and --keep-models belong to --dry-run")
     from .runner import run_study
 
     run_study(args.profile, only=args.only, start=getattr(args, "from"), overrides=_overrides(args))
@@ -277,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", help="run only these stages, e.g. --only 01")
     p.add_argument("--from", help="start at this stage, e.g. --from 02")
     p.add_argument("--figures-dir", help="override the profile's figures_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --profile paper: its code path and settings at full size on CPU, seeded random weights, "
+                        "counts cut (runs/dryrun/, ~1 h on 2 cores; same as `make dryrun`)")
+    p.add_argument("--smoke", action="store_true", help="with --dry-run: the smallest counts")
+    p.add_argument("--keep-models", action="store_true", help="with --dry-run: keep the ~8 GB of random models for the next run")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("synthesize", help="stage 01: restyle the base images with every LoRA")

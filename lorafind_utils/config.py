@@ -42,14 +42,15 @@ def load_profile(name_or_path: str | Path = "tiny", overrides: dict | None = Non
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({e})") from None
     if overrides and isinstance(cfg, dict):
-        cfg = _merge(cfg, overrides)
+        cfg = merge(cfg, overrides)
     return check_profile(cfg, str(p) + (" (with overrides)" if overrides else ""))
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
+    """``b`` over a deep copy of ``a``, nested dicts merged key by key (profile overrides)."""
     out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -115,3 +115,19 @@ def staged_dir(final: str | Path):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def tree_bytes(folder: str | Path, exclude: tuple[Path, ...] = ()) -> int:
+    """Bytes of every regular file under ``folder`` (not following links), minus ``exclude`` folders."""
+    total = 0
+    ex = {str(Path(p)) for p in exclude}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if str(Path(dirpath) / d) not in ex]
+        for f in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(dirpath, f)):
+                total += st.st_size
+    return total

@@ -20,7 +20,7 @@ from .config import load_catalog
 from .files import atomic_path, write_json_atomic
 from .images import load_rgb, read_base_set
 from .loras import load_lora
-from .models import load_pipeline, prepare_loras
+from .models import check_denoising_steps, load_pipeline, prepare_loras
 from .synthesis import Prepared, item_seed, prepare_base_images, prepare_image, restyle
 
 
@@ -50,6 +50,8 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
         if man.get("params") == json.loads(json.dumps(params)):
             return man
         raise ValueError(f"{out_dir} holds queries made with other parameters; delete it or choose another folder")
+    if int(p["images_per_lora"]):
+        check_denoising_steps(p["steps"], p["strength"], "stage 05 img2img queries")
     catalog = prepare_loras(cfg)  # only when queries must be made: finished ones need no LoRA file
     pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     t2i = text_to_image_pipeline(pipe)
@@ -136,6 +138,7 @@ def figure8_rows(cfg: dict, rankings: dict, query_indexes: list[int], base: Prep
     :param rankings: stage 05's ``rankings.json``.
     :return: (rows for :func:`lorafind_utils.figures.figure8`, records with the numbers).
     """
+    check_denoising_steps(p["steps"], p["strength"], "stage 06 (stage 01's steps and strength)")
     catalog = {e["slug"]: e for e in load_catalog(cfg)}
     pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     qs = rankings["queries"]

@@ -31,6 +31,7 @@ it, so that code given a folder (tests, benchmarks) names files the same way.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import project_root, resolve
@@ -254,3 +255,82 @@ def trained_catalog(run_dir: str | Path) -> Path:
 
 def sweep_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "sweep.json"
+
+
+# --- the paper profile's dry run ----------------------------------------------------------------
+
+DRYRUN_BASE_NAME = "stable-diffusion-v1-5"  # the hub snapshot's folder names
+DRYRUN_CONTROLNET_NAME = "sd-controlnet-canny"
+DRYRUN_CLIP_NAME = "clip-vit-large-patch14"
+DRYRUN_RESNET_FILE = "resnet50_random.safetensors"
+
+
+@dataclass(frozen=True)
+class DryRunPaths:
+    """The paper profile's dry run (:mod:`lorafind_utils.dryrun`): everything under one folder."""
+
+    root: Path
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def base(self) -> Path:
+        return self.models / DRYRUN_BASE_NAME
+
+    @property
+    def controlnet(self) -> Path:
+        return self.models / DRYRUN_CONTROLNET_NAME
+
+    @property
+    def clip(self) -> Path:
+        return self.models / DRYRUN_CLIP_NAME
+
+    @property
+    def resnet(self) -> Path:
+        return self.models / DRYRUN_RESNET_FILE
+
+    @property
+    def torch_home(self) -> Path:
+        return self.models / "torch_home"
+
+    @property
+    def hf_home(self) -> Path:
+        return self.root / "hf_home"
+
+    @property
+    def loras(self) -> Path:
+        return self.root / "loras"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.yaml"
+
+    @property
+    def base_images(self) -> Path:
+        return self.root / "base_images"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def papermill(self) -> Path:
+        return self.root / "papermill"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+
+def dryrun_paths(root: str | Path) -> DryRunPaths:
+    return DryRunPaths(resolve(root))

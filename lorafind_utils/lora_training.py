@@ -137,12 +137,14 @@ def _lora_params(unet):
 def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, rank: int, alpha: float | None = None,
                steps: int = 200, lr: float = 1e-4, batch_size: int = 4, seed: int = 0, checkpoint_every: int = 50,
                device: str = "cpu", progress: bool = True, stop_after: int | None = None,
-               target_modules: list[str] | None = None) -> dict:
+               target_modules: list[str] | None = None, max_timestep: int | None = None) -> dict:
     """Train one LoRA; resumes from ``out_dir/checkpoint`` if a previous run stopped.
 
     :param target_modules: UNet module names the LoRA adapts (PEFT ``target_modules``); default the
         attention projections (:data:`TARGET_MODULES`); :data:`LOCON_MODULES` adds the resnet convs.
 
+    :param max_timestep: sample training timesteps from ``[0, max_timestep)`` only (kohya's ``--max_timestep``):
+        a LoRA used for img2img at strength s only ever sees timesteps below ``s * 1000``.
     :param stop_after: stop (as a kill would) after this many steps in this call -- for tests.
     :return: {"history": [{step, loss}], "lora": diffusers-layout file, "kohya": kohya-layout file, ...}
     """
@@ -162,6 +164,12 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=1e-2)
+    # On a GPU: fp16 autocast with loss scaling (LoRA weights and optimizer stay fp32), as diffusers'
+    # train_text_to_image_lora.py with --mixed_precision fp16. In fp32 the paper's batch 4 at 512 px
+    # keeps ~31 GB of activations for the backward pass (counted by the dry run) and runs without
+    # tensor cores. On CPU nothing changes.
+    amp = torch.device(device).type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     # Encode the images and captions once (VAE and text encoder are frozen).
     with torch.no_grad():
@@ -182,6 +190,11 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     run_sig = {"rank": rank, "alpha": alpha, "seed": seed, "lr": lr, "batch_size": batch_size, "base": str(base), "data": data_sig}
     if targets != TARGET_MODULES:  # (absent for the default, so earlier checkpoints still resume)
         run_sig["targets"] = targets
+    t_max = sched.config.num_train_timesteps if max_timestep is None else int(max_timestep)
+    if not 0 < t_max <= sched.config.num_train_timesteps:
+        raise ValueError(f"max_timestep must be in 1..{sched.config.num_train_timesteps}, got {max_timestep}")
+    if max_timestep is not None:
+        run_sig["max_timestep"] = t_max
     ckpt = layout.lora_checkpoint_dir(out_dir)
     start, history, seconds = 0, [], 0.0  # seconds: training time of all calls that made these steps
     g = torch.Generator().manual_seed(seed)
@@ -195,6 +208,8 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         unet.load_state_dict(load_file(str(ckpt / "lora.safetensors")), strict=False)
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         g.set_state(torch.load(ckpt / "generator.pt", weights_only=True))
+        if amp and (ckpt / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         start, history, seconds = state["step"], state["history"], float(state.get("seconds", 0.0))
 
     def trained_seconds() -> float:
@@ -209,6 +224,9 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
             torch.save(opt.state_dict(), tmp)
         with atomic_path(ckpt / "generator.pt") as tmp:
             torch.save(g.get_state(), tmp)
+        if amp:
+            with atomic_path(ckpt / "scaler.pt") as tmp:
+                torch.save(scaler.state_dict(), tmp)
         write_json_atomic({"step": step, "rank": rank, "alpha": alpha, "seed": seed, "run": run_sig, "history": history,
                            "seconds": elapsed}, ckpt / "state.json")
         return elapsed
@@ -221,9 +239,10 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
         noise = torch.randn(latents_mean[idx].shape, generator=g).to(device)
         lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+        t = torch.randint(0, t_max, (len(idx),), generator=g).to(device)
         noisy = sched.add_noise(lat, noise, t)
-        pred = unet(noisy, t, text[idx]).sample
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            pred = unet(noisy, t, text[idx]).sample
         if sched.config.prediction_type == "epsilon":
             target = noise
         elif sched.config.prediction_type == "v_prediction":  # e.g. SD 2.1 (768)
@@ -232,10 +251,11 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
             raise ValueError(f"unsupported prediction type '{sched.config.prediction_type}'")
         loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         history.append({"step": step + 1, "loss": float(loss.detach())})
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         done_here += 1
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             saved_seconds = save_ckpt(step + 1)
@@ -407,6 +427,9 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
     device = profile_device(cfg)
     run_dir = layout.style_lora_dir(cfg, p["run_name"])
     ranks = check_ranks(p["ranks"])
+    if len(p["eval_prompts"]) < 2:  # checked before hours of training, not after them
+        raise ValueError(f"eval_prompts: {len(p['eval_prompts'])} prompt(s); FID/KID compare sets of at least 2 "
+                         "generated images, one per prompt and seed: give 2 or more prompts")
     style_dir = resolve(p["style_dir"]) if p["style_dir"] else make_demo_style_set(
         layout.base_set_dir(cfg, "variety"), layout.style_set_dir(run_dir), n=int(p["n_style_images"]),
         resolution=int(p["resolution"]), style=p["style_name"])

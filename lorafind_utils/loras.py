@@ -69,9 +69,12 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict]:
         head = f.read(8)
         if len(head) < 8:
             raise LoraError(f"{path.name}: empty or truncated file ({size} bytes); not a safetensors file")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise LoraError(f"{path.name}: this is a pickle (torch.save) file, not safetensors; refused")
         (n,) = struct.unpack("<Q", head)
+        # A zip (torch.save) or a raw pickle (protocol 2+ starts with 0x80). A safetensors header length
+        # may also end in 0x80 (its JSON then starts at byte 8), so the pickle test looks past it.
+        if head[:2] == b"PK" or (head[:1] == b"\x80" and (n > size - 8 or f.read(1) != b"{")):
+            raise LoraError(f"{path.name}: this is a pickle (torch.save) file, not safetensors; refused")
+        f.seek(8)
         if n > min(size - 8, 100 * 2**20):
             raise LoraError(f"{path.name}: not a safetensors file, or truncated (header says {n} bytes, file has {size})")
         try:

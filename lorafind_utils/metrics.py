@@ -16,7 +16,6 @@ from sklearn.metrics import (
     f1_score,
     precision_score,
     recall_score,
-    top_k_accuracy_score,
 )
 
 
@@ -57,9 +56,9 @@ def classification_metrics(labels, scores, class_names: list[str], ks=(1, 3, 5))
         "classes_never_predicted": int(len(set(k_all) - set(pred.tolist()))),
         "mrr": mean_reciprocal_rank(labels, scores),
     }
-    for k in ks:
-        if k < len(class_names):
-            out[f"top{k}_accuracy"] = float(top_k_accuracy_score(labels, scores, k=k, labels=k_all))
+    ranks = ranks_of_truth(labels, scores)
+    for k in ks:  # from the ranks (as MRR): sklearn refuses k >= the number of classes, and 2 classes
+        out[f"top{k}_accuracy"] = float(np.mean(ranks <= k))
     out["confusion_matrix"] = confusion_matrix(labels, pred, labels=k_all).tolist()
     out["per_class"] = classification_report(labels, pred, labels=k_all, target_names=class_names,
                                              output_dict=True, zero_division=0)

@@ -6,6 +6,7 @@ profile builds its seeded stand-ins on first use (:mod:`lorafind_utils.tiny_mode
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -28,6 +29,18 @@ def quiet_libraries() -> None:
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+
+
+def check_denoising_steps(steps: int, strength: float, where: str = "") -> int:
+    """The img2img denoising steps diffusers runs, ``int(steps * strength)``; at least 1, or a
+    ValueError naming both values (diffusers would fail deep inside with a tensor-size error).
+
+    Found by the paper profile's dry run (``steps: 1`` at the paper's ``strength: 0.8``)."""
+    n = int(int(steps) * float(strength))
+    if n < 1:
+        raise ValueError(f"{where + ': ' if where else ''}steps {steps} x strength {strength} leaves no denoising step "
+                         f"(img2img runs int(steps x strength) = {n}); use steps >= {math.ceil(1 / float(strength))}")
+    return n
 
 
 def pick_device(pref: str = "auto") -> torch.device:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import layout
 from .config import load_profile, project_root, stage_params
+from .files import tree_bytes
 from .records import append_record
 
 
@@ -103,6 +104,8 @@ def run_study(profile: str = "tiny", only: list[str] | None = None, start: str |
         log(f"[{nb.stem}] running ({name} profile) -> {out_nb}")
         t0 = time.perf_counter()
         error = None
+        watched = [layout.runs_dir(cfg), layout.figures_dir(cfg), out_dir]
+        disk0 = sum(tree_bytes(d) for d in watched)
         with _PeakRSS() as mem:
             try:
                 pm.execute_notebook(str(nb), str(out_nb), parameters=params, kernel_name=kernel_name,
@@ -111,6 +114,8 @@ def run_study(profile: str = "tiny", only: list[str] | None = None, start: str |
                 error = f"{nb.name} failed in cell {e.cell_index} (execution count {e.exec_count}): {e.ename}: {e.evalue}"
         rec = {"stage": nb.stem, "profile": name, "notebook": str(out_nb), "parameters": params,
                "wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(mem.peak / 2**20, 1),
+               # growth of the runs, figures and executed-notebook folders (files rewritten count their change)
+               "disk_written_mb": round((sum(tree_bytes(d) for d in watched) - disk0) / 2**20, 1),
                "status": "failed" if error else "ok"}
         if error:
             rec["error"] = error

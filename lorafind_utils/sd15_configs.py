@@ -288,3 +288,114 @@ def meta_sd21_text_encoder():
 def n_params(model: torch.nn.Module) -> int:
     """Number of parameters (works on meta-device models)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the SD1.5 snapshot (for seeded full-size stand-ins: ``lorafind_utils.dryrun``)
+# ---------------------------------------------------------------------------------------------
+
+#: runwayml/stable-diffusion-v1-5 vae/config.json (``scaling_factor`` is absent there: the
+#: diffusers default 0.18215, written out here)
+SD15_VAE_CONFIG: dict = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+#: runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (``_class_name``: PNDMScheduler)
+SD15_SCHEDULER_CLASS = "PNDMScheduler"
+SD15_SCHEDULER_CONFIG: dict = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+#: runwayml/stable-diffusion-v1-5 feature_extractor/preprocessor_config.json (CLIPImageProcessor)
+SD15_FEATURE_EXTRACTOR_CONFIG: dict = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+#: runwayml/stable-diffusion-v1-5 model_index.json (components; the safety checker is listed
+#: there, but ``lorafind fetch`` does not download it and every pipeline loads with ``safety_checker=None``)
+SD15_MODEL_INDEX: dict = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+#: openai/clip-vit-large-patch14 config.json (stage 07's CLIP score model): text and vision towers
+CLIP_VIT_L14_TEXT_CONFIG: dict = {
+    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu",
+    "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
+}
+CLIP_VIT_L14_VISION_CONFIG: dict = {
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 1024, "image_size": 224,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 4096, "layer_norm_eps": 1e-05,
+    "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+}
+CLIP_VIT_L14_CONFIG: dict = {"projection_dim": 768, "logit_scale_init_value": 2.6592,
+                             "text_config": CLIP_VIT_L14_TEXT_CONFIG, "vision_config": CLIP_VIT_L14_VISION_CONFIG}
+#: openai/clip-vit-large-patch14 preprocessor_config.json
+CLIP_VIT_L14_PROCESSOR_CONFIG: dict = {
+    "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 224}, "do_center_crop": True,
+    "do_normalize": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+}
+
+SD15_VAE_PARAMS = 83_653_863
+SD15_CONTROLNET_PARAMS = 361_279_120
+CLIP_VIT_L14_PARAMS = 427_616_513
+
+
+def meta_sd15_vae():
+    """SD1.5's ``AutoencoderKL`` at full size on the meta device."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(dict(SD15_VAE_CONFIG))
+
+
+def clip_vit_l14_config():
+    """``transformers.CLIPConfig`` of openai/clip-vit-large-patch14."""
+    from transformers import CLIPConfig
+
+    c = CLIP_VIT_L14_CONFIG
+    return CLIPConfig(text_config=dict(c["text_config"]), vision_config=dict(c["vision_config"]),
+                      projection_dim=c["projection_dim"], logit_scale_init_value=c["logit_scale_init_value"])
+
+
+def meta_clip_vit_l14():
+    """openai/clip-vit-large-patch14's ``CLIPModel`` on the meta device."""
+    from transformers import CLIPModel
+
+    with torch.device("meta"):
+        return CLIPModel(clip_vit_l14_config())

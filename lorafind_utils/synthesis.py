@@ -25,7 +25,8 @@ from . import layout
 from .files import atomic_path, run_lock, write_json_atomic
 from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
 from .loras import check_lora_against_model, inspect_lora, load_lora
-from .models import SCHEDULER, base_skeletons, cached_pipeline, load_pipeline, pick_device, prepare_loras
+from .models import (SCHEDULER, base_skeletons, cached_pipeline, check_denoising_steps, load_pipeline, pick_device,
+                     prepare_loras)
 from .parallel import job_threads, resolve_workers, run_jobs, torch_threads
 
 
@@ -187,6 +188,7 @@ def synthesize(cfg: dict, params: dict, out_dir: str | Path | None = None, pipe=
 
 def _synthesize(cfg: dict, params: dict, out_dir: Path, pipe, progress: bool, workers, engine: str = "local",
                 address: str | None = None) -> dict:
+    check_denoising_steps(params["steps"], params["strength"], "stage 01")
     catalog = prepare_loras(cfg)
     given_pipe = pipe is not None
     # Every LoRA is checked against the base model before the first image is made (on the

@@ -732,17 +732,19 @@ def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = 
     for k, st in enumerate(STYLES.values()):
         if slugs and st.lora not in slugs:
             continue
-        folder = RUN_DIR / "loras" / st.lora
+        folder = Path(p.get("run_dir", RUN_DIR / "loras")) / st.lora
         t0 = time.perf_counter()
         res = train_lora(str(SD15_DIR), lora_items(st.lora), folder, int(p["rank"]), alpha=float(p["alpha"]),
                          steps=int(p["steps"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=seed * 1000 + k,
-                         checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None)
+                         checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None,
+                         max_timestep=p.get("max_timestep"))
         kohya = Path(res["kohya"])
         with safe_open(str(kohya), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {key: (f.get_tensor(key) if key.endswith(".alpha") else f.get_tensor(key).half()) for key in f.keys()}
-        LORA_DIR.mkdir(parents=True, exist_ok=True)
-        with atomic_path(LORA_DIR / f"{st.lora}.safetensors") as tmp:
+        lora_dir = Path(p.get("out_dir", LORA_DIR))
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(lora_dir / f"{st.lora}.safetensors") as tmp:
             save_file(sd, str(tmp), metadata={**meta, "lorafind_tiny_world": st.lora, "style": st.name})
         hist = [h["loss"] for h in res["history"]]
         out[st.lora] = {"style": st.name, "rank": int(p["rank"]), "alpha": float(p["alpha"]), "steps": int(p["steps"]),

@@ -113,6 +113,10 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert len(list((runs / "synth" / "variety").rglob("*.png"))) == 36
     grid = Image.open(fig / "synthesis_grid_variety.png")
     assert grid.size[0] > 100
+    from lorafind_utils.files import tree_bytes
+
+    r01 = next(r for r in read_records(runs / "records.jsonl") if r["stage"] == "01_synthesize")
+    assert r01["disk_written_mb"] >= round(tree_bytes(runs / "synth") / 2**20, 1) > 0  # its images at least
     rec = read_records(runs / "records.jsonl")[-1]
     assert rec["wall_s"] > 0 and rec["peak_rss_mb"] > 50 and "torch" in rec["versions"] and "git_sha" in rec
     text = (runs / "records.jsonl").read_text() + "".join(p.read_text() for p in (tmp_path / "pm").glob("*.ipynb"))
