@@ -253,38 +253,37 @@ def domain_plot(df, out_png: str | Path | None = None, title: str = ""):
 
 
 def table_png(cells: list[list[str]], head: list[str], path: str | Path, title: str, highlight_cols: dict | None = None,
-              fontsize: float = 8, width: float = 15):
-    """A table drawn as a PNG (cells already formatted); ``highlight_cols``: column -> header colour."""
-    fig, ax = plt.subplots(figsize=(width, 0.45 * len(cells) + 1.2))
+              fontsize: float = 8, width: float = 15, highlight_cells: list[tuple[int, int]] = (), caption: str = "",
+              row_height: float = 0.45, auto_width: bool = True):
+    """A table drawn as a PNG (cells already formatted); ``highlight_cols``: column -> header colour;
+    ``highlight_cells``: (row, column) of body cells drawn green and bold (row 1 = first body row)."""
+    fig, ax = plt.subplots(figsize=(width, row_height * len(cells) + 1.2 + (0.2 if caption else 0)))
     ax.axis("off")
     t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")
     t.auto_set_font_size(False)
     t.set_fontsize(fontsize)
-    t.auto_set_column_width(list(range(len(head))))
+    if auto_width:
+        t.auto_set_column_width(list(range(len(head))))
     for j, colour in (highlight_cols or {}).items():
         t[0, j].set_facecolor(colour)
+    for i, j in highlight_cells:
+        t[i, j].set_facecolor("#b9e4b0")
+        t[i, j].get_text().set_fontweight("bold")
     ax.set_title(title, fontsize=10)
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", fontsize=8, wrap=True)
     save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 
 
-def table3_png(df, ordinals: list[str], caption: str, path: Path) -> None:
-    cells = [[r["query"], *[r[o] for o in ordinals], str(r["rank_of_correct"])] for r in df.to_dict("records")]
-    fig, ax = plt.subplots(figsize=(14, 0.32 * len(cells) + 1.4))
-    ax.axis("off")
-    t = ax.table(cellText=cells, colLabels=["", *ordinals, "rank of correct"], loc="center", cellLoc="center")
-    t.auto_set_font_size(False)
-    t.set_fontsize(7.5)
-    for i, r in enumerate(df.to_dict("records"), 1):
-        for j, o in enumerate(ordinals, 1):
-            if r[o] == r["correct"]:
-                t[i, j].set_facecolor("#b9e4b0")
-                t[i, j].get_text().set_fontweight("bold")
-    ax.set_title("Table 3: LoRAs ranked for each query image", fontsize=10)
-    fig.text(0.5, 0.01, caption, ha="center", fontsize=8, wrap=True)
-    save_figure(fig, path)
-    plt.close(fig)
+def table3_png(df, ordinals: list[str], caption: str, path: Path) -> Path:
+    """Table 3: one row per query, the ranked LoRAs, the correct one green."""
+    rows = df.to_dict("records")
+    cells = [[r["query"], *[r[o] for o in ordinals], str(r["rank_of_correct"])] for r in rows]
+    hits = [(i, j) for i, r in enumerate(rows, 1) for j, o in enumerate(ordinals, 1) if r[o] == r["correct"]]
+    return table_png(cells, ["", *ordinals, "rank of correct"], path, "Table 3: LoRAs ranked for each query image",
+                     fontsize=7.5, width=14, highlight_cells=hits, caption=caption, row_height=0.32, auto_width=False)
 
 
 # --- stage 08 ---------------------------------------------------------------------------------------

@@ -113,25 +113,31 @@ def make_encoder(cfg: dict, kind: str, sd: StyleData | None = None, seed: int = 
 
 # --- entries and queries ------------------------------------------------------------------------
 
-def photo_centroid(encoder, sd: StyleData, ids: list[str]) -> np.ndarray:
+def photo_centroid(encoder, sd: StyleData, ids: list[str], embedded: "Embedded | None" = None) -> np.ndarray:
     """Mean embedding of the unstyled base photos (the content a query's style is measured from)."""
     import torch
 
+    if embedded is not None:
+        return np.stack([embedded.photos[i] for i in ids if i in embedded.photos]).mean(0)
     x = torch.stack([sd.base_photos[i] for i in ids if i in sd.base_photos])
     return encoder.embed(x).mean(0)
 
 
-def lora_vectors(encoder, x, variant: str, base_x=None) -> np.ndarray:
-    """One entry vector from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``: their base photos."""
-    z = encoder.embed(x)
+def entry_vector(z: np.ndarray, variant: str, z_base: np.ndarray | None = None) -> np.ndarray:
+    """One entry vector from the embeddings ``z`` of a LoRA's images; ``z_base``: of their base photos."""
     if variant == "content_cancelled":
-        if base_x is None:
+        if z_base is None:
             raise ValueError("content-cancelled entries need the base photos of the LoRA's images")
-        d = z - encoder.embed(base_x)
-        d /= np.linalg.norm(d, axis=1, keepdims=True) + 1e-12
-        z = d
+        d = z - z_base
+        z = d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-12)
     v = z.mean(0)
     return v / (np.linalg.norm(v) + 1e-12)
+
+
+def lora_vectors(encoder, x, variant: str, base_x=None) -> np.ndarray:
+    """One entry vector from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``: their base photos."""
+    z_base = encoder.embed(base_x) if variant == "content_cancelled" and base_x is not None else None
+    return entry_vector(encoder.embed(x), variant, z_base)
 
 
 def queries_as(z: np.ndarray, variant: str, centroid: np.ndarray | None) -> np.ndarray:
@@ -142,25 +148,41 @@ def queries_as(z: np.ndarray, variant: str, centroid: np.ndarray | None) -> np.n
     return z
 
 
-def build_index(encoder, sd: StyleData, variant: str, catalog: list[dict], ids: list[str] | None = None,
-                classes: list[str] | None = None) -> StyleIndex:
-    """An index with one entry per LoRA from its stage-01 images of the base images ``ids``
-    (default: stage 02's training split)."""
+@dataclass
+class Embedded:
+    """One encoder's embeddings of a :class:`StyleData`: every stage-01 image (rows of ``sd.data``) and every
+    base photo, computed once and shared by every index built from them."""
+    images: np.ndarray
+    photos: dict[str, np.ndarray]
+
+
+def embed_style_data(encoder, sd: StyleData) -> Embedded:
     import torch
 
+    ids = sorted(sd.base_photos)
+    zp = encoder.embed(torch.stack([sd.base_photos[i] for i in ids])) if ids else np.zeros((0, encoder.dim), np.float32)
+    return Embedded(encoder.embed(sd.data.x), dict(zip(ids, zp)))
+
+
+def build_index(encoder, sd: StyleData, variant: str, catalog: list[dict], ids: list[str] | None = None,
+                classes: list[str] | None = None, embedded: Embedded | None = None) -> StyleIndex:
+    """An index with one entry per LoRA from its stage-01 images of the base images ``ids``
+    (default: stage 02's training split). ``embedded``: this encoder's embeddings of ``sd``
+    (:func:`embed_style_data`), to build several indexes without embedding again."""
     ids = set(ids or sd.train_ids)
+    emb = embedded or embed_style_data(encoder, sd)
     short = {e["slug"]: e for e in catalog}
     index = StyleIndex.create(encoder.dim, encoder.describe(), kind="auto", variant=variant)
     for k, slug in enumerate(sd.classes):
         if classes is not None and slug not in classes:
             continue
         rows = [i for i, (y, g) in enumerate(zip(sd.data.y.tolist(), sd.data.groups)) if y == k and g in ids]
-        base = torch.stack([sd.base_photos[sd.data.groups[i]] for i in rows]) if variant == "content_cancelled" else None
-        index.add(slug, lora_vectors(encoder, sd.data.x[rows], variant, base),
+        z_base = np.stack([emb.photos[sd.data.groups[i]] for i in rows]) if variant == "content_cancelled" else None
+        index.add(slug, entry_vector(emb.images[rows], variant, z_base),
                   {"short": short[slug]["short"], "file": Path(short[slug]["path"]).name, "source": "synthesized",
                    "n_images": len(rows), "sha256": short[slug].get("sha256") or ""})
     if variant == "content_cancelled":
-        index.params["photo_centroid"] = photo_centroid(encoder, sd, sorted(ids)).astype(float).round(6).tolist()
+        index.params["photo_centroid"] = photo_centroid(encoder, sd, sorted(ids), emb).astype(float).round(6).tolist()
     return index
 
 
@@ -443,13 +465,7 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     """Stage 08: encoders × entry variants against the classifier on Table 3's queries; leave-LoRAs-out;
     the cost of adding a LoRA; "none of these" on styles no LoRA paints; thumbnail-only entries;
     query latency. Builds and saves the profile's index. Returns every table (also written)."""
-    import pandas as pd
-    from sklearn.metrics import roc_auc_score
-
-    from .files import write_csv_atomic, write_json_atomic, write_markdown_table
-    from .images import load_rgb, read_base_set, square_resize
-    from .retrieval import retrieval_metrics
-    from .styles import apply_style
+    from .files import write_json_atomic
 
     catalog = load_catalog(cfg)
     k = len(catalog)
@@ -460,21 +476,60 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     val_y = [sd.classes[y] for y in sd.data.y[val_rows].tolist()]
     results: dict = {"queries": len(queries), "chance": {"top1": 1 / k, "mrr": float(np.mean(1 / np.arange(1, k + 1)))}}
 
-    # 1. methods: every encoder (trained over seeds) x both variants, same queries as Table 3
+    ctx = _Stage08(cfg, p, catalog, k, sd, queries, clf_metrics, q_truth, val_rows, val_y, results, progress)
+    methods, (enc, index, zq) = _compare_methods(ctx)
+    folder = index.save(layout.index_dir(cfg, p["encoder"], p["variant"]))
+    log(f"index saved: {folder} ({len(index)} LoRAs, {enc.kind} encoder, {p['variant']})")
+    _leave_loras_out(ctx)
+    known_p, unknown_p = _open_set(ctx, enc, index, zq)
+    _thumbnail_entries(ctx, index, zq)
+    _costs(ctx, enc, folder)
+    write_json_atomic(results, layout.index_results(cfg, "stage08"))
+    results["known_p"], results["unknown_p"] = known_p, unknown_p
+    results["methods_df"], results["index_folder"] = methods, folder
+    return results
+
+
+@dataclass
+class _Stage08:
+    """What stage 08's parts share: the profile, its parameters, the data and Table 3's queries."""
+    cfg: dict
+    p: dict
+    catalog: list
+    k: int
+    sd: StyleData
+    queries: list
+    clf_metrics: dict
+    q_truth: list
+    val_rows: list
+    val_y: list
+    results: dict
+    progress: bool
+
+
+def _compare_methods(c: _Stage08):
+    """1. every encoder (trained over seeds) x both entry variants, on Table 3's queries: (table, the default's (encoder, index, query embeddings))."""
+    import pandas as pd
+
+    from .files import write_csv_atomic, write_markdown_table
+    from .retrieval import retrieval_metrics
+
+    cfg, p, catalog, k, sd, queries, q_truth, results = c.cfg, c.p, c.catalog, c.k, c.sd, c.queries, c.q_truth, c.results
     method_rows, per_run, default = [], [], None
     variants = ("prototype", "content_cancelled")
     for kind in p["compare"]:
         seeds = p["seeds"] if kind == "trained" else [None]
         runs = {v: [] for v in variants}
         for seed in seeds:
-            enc = make_encoder(cfg, kind, sd, seed=seed or 0, progress=progress)
+            enc = make_encoder(cfg, kind, sd, seed=seed or 0, progress=c.progress)
             zq, errs = enc.embed_files([q["file"] for q in queries])
             if any(e is not None for e in errs):
                 raise ValueError(f"unreadable stage-05 queries: {[str(e) for e in errs if e is not None]}")
-            z_val = enc.embed(sd.data.x[val_rows])
+            emb = embed_style_data(enc, sd)  # once per encoder, for both variants
+            z_val = emb.images[c.val_rows]
             for v in variants:
-                index = build_index(enc, sd, v, catalog)
-                cal = calibrate(index, z_val, val_y)
+                index = build_index(enc, sd, v, catalog, embedded=emb)
+                cal = calibrate(index, z_val, c.val_y)
                 m = retrieval_metrics(_ranks(index, zq, q_truth), k)
                 runs[v].append(m)
                 per_run.append({"encoder": kind, "seed": seed, "variant": v, **m, "val_auroc": cal["validation"]["auroc"]})
@@ -483,7 +538,7 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
         for v in variants:
             method_rows.append({"method": f"index: {kind} encoder", "entry": v.replace("_", "-"), **_summary(runs[v])})
     method_rows.append({"method": "classifier (stage 02, retrained per catalog)", "entry": "",
-                        **{f"{m}_mean": 100 * clf_metrics["all"][m] for m in ("top1", "top3", "top6", "mrr")},
+                        **{f"{m}_mean": 100 * c.clf_metrics["all"][m] for m in ("top1", "top3", "top6", "mrr")},
                         **{f"{m}_sd": float("nan") for m in ("top1", "top3", "top6", "mrr")}, "runs": 1})
     methods = pd.DataFrame(method_rows)
     write_csv_atomic(methods, layout.figure(cfg, "index_methods.csv"))
@@ -496,11 +551,15 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     results["runs"] = per_run
     if default is None:
         raise ValueError(f"08_index: encoder '{p['encoder']}' must be one of compare {p['compare']}")
-    enc, index, zq = default
-    folder = index.save(layout.index_dir(cfg, p["encoder"], p["variant"]))
-    log(f"index saved: {folder} ({len(index)} LoRAs, {enc.kind} encoder, {p['variant']})")
+    return methods, default
 
-    # 2. leave-LoRAs-out: the encoder never saw a third of the LoRAs; they enter as `index add` does
+
+def _leave_loras_out(c: _Stage08):
+    """2. leave-LoRAs-out: the encoder never saw a third of the LoRAs; they enter as `index add` does."""
+    from .files import write_markdown_table
+    from .retrieval import retrieval_metrics
+
+    cfg, p, catalog, k, sd, queries, q_truth, results = c.cfg, c.p, c.catalog, c.k, c.sd, c.queries, c.q_truth, c.results
     fold_rows = []
     if p["folds"] == 1:
         raise ValueError("08_index: folds must be 0 (skip) or at least 2 (each fold leaves 1/folds of the LoRAs out)")
@@ -509,9 +568,11 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
             new = sd.classes[f :: p["folds"]]
             old = [c for c in sd.classes if c not in new]
             enc_f = make_encoder(cfg, "trained", sd, seed=p["seeds"][0], classes=old,
-                                 folder=layout.encoder_dir(cfg, f"{p['run_name']}_fold{f}of{p['folds']}"), progress=progress)
-            idx = build_index(enc_f, sd, p["variant"], catalog, classes=old)
-            added = build_index(enc_f, sd, p["variant"], catalog, ids=sd.train_ids[: p["add_images"]], classes=new)
+                                 folder=layout.encoder_dir(cfg, f"{p['run_name']}_fold{f}of{p['folds']}"), progress=c.progress)
+            emb_f = embed_style_data(enc_f, sd)
+            idx = build_index(enc_f, sd, p["variant"], catalog, classes=old, embedded=emb_f)
+            added = build_index(enc_f, sd, p["variant"], catalog, ids=sd.train_ids[: p["add_images"]], classes=new,
+                                embedded=emb_f)
             for n in added.names():
                 e = added.entry(n)
                 idx.add(n, e.vector, e.meta)
@@ -538,7 +599,16 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
                              "does). Percent, mean ± sd over folds. A classifier trained without them cannot name them.")
     results["folds"] = fold_rows
 
-    # 3. "none of these": queries in styles no LoRA paints vs the catalogued ones (Table 3's queries)
+
+def _open_set(c: _Stage08, enc, index: StyleIndex, zq: np.ndarray):
+    """3. "none of these": queries in styles no LoRA paints vs the catalogued ones (Table 3's queries)."""
+    from sklearn.metrics import roc_auc_score
+
+    from .files import write_markdown_table
+    from .images import load_rgb, read_base_set, square_resize
+    from .styles import apply_style
+
+    cfg, p, results = c.cfg, c.p, c.results
     photos = read_base_set(layout.base_set_dir(cfg, p["open_set_set"]))[: p["open_set_images"]]
     size = int(stage_params(cfg, "01_synthesize")["resolution"])
     unknown_imgs, unknown_names = [], []
@@ -564,8 +634,14 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
                              f"AUROC of P(match) {open_set['auroc']:.3f} (validation, leave-one-LoRA-out: "
                              f"{open_set['validation_auroc']:.3f}). Index: {enc.kind} encoder, {p['variant']} entries.")
     results["open_set"] = open_set
+    return known_p, unknown_p
 
-    # 4. thumbnail-only entries (a LoRA known by its previews) vs synthesized ones, leave-one-query-out
+
+def _thumbnail_entries(c: _Stage08, index: StyleIndex, zq: np.ndarray):
+    """4. thumbnail-only entries (a LoRA known by its previews) vs synthesized ones, leave-one-query-out."""
+    from .retrieval import retrieval_metrics
+
+    k, sd, q_truth, results = c.k, c.sd, c.q_truth, c.results
     by_lora: dict[str, list[int]] = {}
     for i, t in enumerate(q_truth):
         by_lora.setdefault(t, []).append(i)
@@ -585,7 +661,12 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     results["thumbnails_vs_synth"] = {"thumbnails": retrieval_metrics(thumb_ranks, k), "synthesized": retrieval_metrics(synth_ranks, k),
                                       "thumbnails_per_lora": float(np.mean([len(v) for v in by_lora.values()])) - 1}
 
-    # 5. cost of adding a LoRA vs retraining the classifier; query latency
+
+def _costs(c: _Stage08, enc, folder: Path):
+    """5. the cost of adding a LoRA vs retraining the classifier; query latency."""
+    from .files import write_markdown_table
+
+    cfg, p, catalog, queries, results = c.cfg, c.p, c.catalog, c.queries, c.results
     import shutil
     import tempfile
 
@@ -624,7 +705,3 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
                   f"{100 * tv['synthesized']['mrr']:.1f} %"]]
     write_markdown_table(layout.figure(cfg, "index_costs.md"), ["measure", "value"], cost_rows,
                          f"Index: {enc.kind} encoder, {p['variant']} entries; CPU ({cfg['name']} profile).")
-    write_json_atomic(results, layout.index_results(cfg, "stage08"))
-    results["known_p"], results["unknown_p"] = known_p, unknown_p
-    results["methods_df"], results["index_folder"] = methods, folder
-    return results
