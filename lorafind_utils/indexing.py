@@ -484,6 +484,7 @@ def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     known_p, unknown_p = _open_set(ctx, enc, index, zq)
     _thumbnail_entries(ctx, index, zq)
     _costs(ctx, enc, folder)
+    _stage07_lora(ctx, enc, folder, log)
     write_json_atomic(results, layout.index_results(cfg, "stage08"))
     results["known_p"], results["unknown_p"] = known_p, unknown_p
     results["methods_df"], results["index_folder"] = methods, folder
@@ -705,3 +706,48 @@ def _costs(c: _Stage08, enc, folder: Path):
                   f"{100 * tv['synthesized']['mrr']:.1f} %"]]
     write_markdown_table(layout.figure(cfg, "index_costs.md"), ["measure", "value"], cost_rows,
                          f"Index: {enc.kind} encoder, {p['variant']} entries; CPU ({cfg['name']} profile).")
+
+
+def _stage07_lora(c: _Stage08, enc, folder: Path, log=print) -> None:
+    """6. Stage 07's trained LoRAs join a copy of the index as ``lorafind index add`` adds them (their kohya
+    files); each is then ranked for stage 07's held-out style images (never trained on). Skipped, and
+    said so, when stage 07 has not run."""
+    import shutil
+    import tempfile
+
+    from .files import write_markdown_table
+    from .lora_training import read_style_set, split_style_set
+
+    cfg, results = c.cfg, c.results
+    p07 = stage_params(cfg, "07_train_style_lora")
+    run_dir = layout.style_lora_dir(cfg, p07["run_name"])
+    files = {r: layout.lora_kohya_file(layout.style_rank_dir(run_dir, r)) for r in p07["ranks"]}
+    if not layout.sweep_file(run_dir).exists() or not all(f.exists() for f in files.values()):
+        results["style_lora"] = {"skipped": f"stage 07 has not run ({run_dir})"}
+        log(f"stage 07's LoRAs: not in {run_dir}; run stage 07 first to add them to the index")
+        return
+    from .config import resolve
+
+    style_dir = resolve(p07["style_dir"]) if p07["style_dir"] else layout.style_set_dir(run_dir)
+    items = read_style_set(style_dir, p07["caption_template"], p07["style_name"], int(p07["resolution"]))
+    _, heldout = split_style_set(items, float(p07["holdout"]), int(p07["seed"]))
+    rows, out = [], {}
+    with tempfile.TemporaryDirectory(prefix="lorafind-style-lora-") as tmp:
+        for r, f in files.items():
+            scratch = Path(tmp) / f"r{r}"  # each rank alone: the profile's index stays as stage 08 saved it
+            shutil.copytree(folder, scratch)
+            ranker = IndexRanker(cfg, enc, scratch)
+            name = f"{p07['run_name']}_r{r}"
+            add_lora(cfg, f, name=name, ranker=ranker, progress=False, log=lambda *a: None)
+            ranked = ranker.rank_images([it.image for it in heldout], [it.file for it in heldout])
+            ranks = [q.rank_of(name) for q in ranked]
+            out[str(r)] = {"name": name, "ranks": ranks, "top1": float(np.mean([x == 1 for x in ranks])),
+                           "mrr": float(np.mean([1 / x for x in ranks])), "entries": len(ranker.index)}
+            rows.append([f"rank {r}", str(len(ranks)), f"{100 * out[str(r)]['top1']:.1f} %",
+                         f"{100 * out[str(r)]['mrr']:.1f} %", " ".join(map(str, ranks))])
+    results["style_lora"] = {"style": p07["style_name"], "heldout": len(heldout), "per_rank": out}
+    write_markdown_table(layout.figure(cfg, "index_style_lora.md"),
+                         ["stage-07 LoRA", "held-out style images", "found first", "MRR", "rank of the LoRA per image"], rows,
+                         f"Each of stage 07's LoRAs ('{p07['style_name']}') added to the index from its kohya file as "
+                         f"`lorafind index add` does ({c.p['add_images']} restyled base images), then ranked among "
+                         f"{len(c.catalog) + 1} entries for stage 07's held-out style images.")

@@ -256,14 +256,14 @@ def train_style_lora(cfg: dict, params: dict, source: str = "parameters", progre
 def index(cfg: dict, params: dict, source: str = "parameters", progress: bool = True, log=print) -> dict:
     """Stage 08: the style-embedding index against the classifier; builds the profile's index.
 
-    :return: stage 08's results (methods, folds, open_set, add, latency_ms, thumbnails_vs_synth) + figures
+    :return: stage 08's results (methods, folds, open_set, add, latency_ms, thumbnails_vs_synth, style_lora) + figures
     """
     from .figures import methods_plot, open_set_plot
     from .indexing import run_stage
 
     p = check_stage_params("08_index", params, source)
     res = run_stage(cfg, p, progress=progress, log=log)
-    for name in ("index_methods.md", "index_leave_out.md", "index_open_set.md", "index_costs.md"):
+    for name in ("index_methods.md", "index_leave_out.md", "index_open_set.md", "index_costs.md", "index_style_lora.md"):
         if layout.figure(cfg, name).exists():
             log(layout.figure(cfg, name).read_text())
     figs = [_plot(methods_plot, res["methods_df"], out=layout.figure(cfg, "index_methods.png"))]

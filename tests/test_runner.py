@@ -64,8 +64,12 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
               "domain_vs_variety.png", "table2.csv", "table2.md", "table2.png", "table3.csv", "table3.md", "table3.png",
               "retrieval_examples.png", "figure8.png", "style_lora_ranks.csv", "style_lora_ranks.md", "style_lora_loss.png",
               "style_lora_grid.png", "style_lora_base_vs_ft.png", "style_lora_metrics.png", "index_methods.md",
-              "index_methods.png", "index_open_set.md", "index_open_set.png", "index_costs.md"):
+              "index_methods.png", "index_open_set.md", "index_open_set.png", "index_costs.md", "index_style_lora.md"):
         assert (fig / f).exists(), f
+    # stage 07's LoRAs joined (copies of) the index from their kohya files and were ranked for held-out style images
+    s08 = json.loads((runs / "index" / "results" / "stage08.json").read_text())["style_lora"]
+    assert s08["heldout"] >= 1 and set(s08["per_rank"]) == {"2"}
+    assert all(1 <= r <= 13 and v["entries"] == 13 for v in s08["per_rank"].values() for r in v["ranks"])
     # stages 03-04: every run validated on stage 02's validation set; the faces run trained on faces
     import pandas as pd
 
