@@ -304,17 +304,22 @@ def open_set_plot(known_p, unknown_p, out_png: str | Path | None = None, title: 
     return save_figure(fig, out_png)
 
 
-def methods_plot(df, out_png: str | Path | None = None, title: str = ""):
-    """Top-1 and MRR per retrieval method (mean ± sd), one bar group per method and entry variant."""
+def methods_plot(df, out_png: str | Path | None = None, title: str = "", chance: dict | None = None):
+    """Top-1 and MRR per retrieval method (mean ± sd over seeds), one row per method and entry variant;
+    ``chance``: {"top1": %, "mrr": %} of a random ranking, drawn as dotted lines."""
     import numpy as np
 
-    labels = [f"{m}\n{e}" if e else m for m, e in zip(df["method"], df["entry"])]
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(labels)), 3.8))
+    labels = [f"{m.replace('index: ', '')} ({e})" if isinstance(e, str) and e else m for m, e in zip(df["method"], df["entry"])]
+    y = np.arange(len(labels))[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.9))
+    colours = {"top1": "#2a7ab9", "mrr": "#f0a030"}
     for j, (col, name) in enumerate((("top1", "top-1"), ("mrr", "MRR"))):
-        ax.bar(x + (j - 0.5) * 0.38, df[f"{col}_mean"], 0.38, yerr=df[f"{col}_sd"].fillna(0), capsize=3, label=name)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("percent (mean ± sd over seeds)")
-    ax.set_title(title or "Retrieval by index vs the classifier (Table 3's queries)")
-    ax.legend(fontsize=8)
+        ax.barh(y + (0.5 - j) * 0.38, df[f"{col}_mean"], 0.38, xerr=df[f"{col}_sd"].fillna(0), capsize=3, label=name,
+                color=colours[col])
+        if chance and col in chance:
+            ax.axvline(chance[col], color=colours[col], ls=":", lw=1.2, label=f"{name} of a random ranking")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("percent (mean ± sd over the trained encoder's seeds)")
+    ax.set_title(title or "Retrieval by index vs the classifier (Table 3's queries)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.4, -0.16), ncol=4, frameon=False)
     return save_figure(fig, out_png)

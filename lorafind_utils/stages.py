@@ -266,7 +266,8 @@ def index(cfg: dict, params: dict, source: str = "parameters", progress: bool = 
     for name in ("index_methods.md", "index_leave_out.md", "index_open_set.md", "index_costs.md", "index_style_lora.md"):
         if layout.figure(cfg, name).exists():
             log(layout.figure(cfg, name).read_text())
-    figs = [_plot(methods_plot, res["methods_df"], out=layout.figure(cfg, "index_methods.png"))]
+    chance = {m: 100 * v for m, v in res["chance"].items()}
+    figs = [_plot(methods_plot, res["methods_df"], chance=chance, out=layout.figure(cfg, "index_methods.png"))]
     if len(res["unknown_p"]):
         figs.append(_plot(open_set_plot, res["known_p"], res["unknown_p"], out=layout.figure(cfg, "index_open_set.png")))
     return {**res, "figures": figs}
