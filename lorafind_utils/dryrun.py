@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from . import layout
-from .config import merge, project_root, resolve
+from .config import merge, project_root
 from .files import tree_bytes
 
 #: the dry run's folder (everything it writes)
@@ -1062,7 +1062,8 @@ def run_dryrun(root: str | Path | None = None, counts: Counts = DEFAULT, keep_mo
     disk = StageDisk(paths.root, (paths.models,), log)
     from .records import read_records
 
-    n_before = len(read_records(paths.runs / "records.jsonl"))
+    records = layout.records_file({"runs_dir": str(paths.runs)})
+    n_before = len(read_records(records))
     error = None
     with environment(paths):
         try:
@@ -1075,7 +1076,7 @@ def run_dryrun(root: str | Path | None = None, counts: Counts = DEFAULT, keep_mo
         old = json.loads(paths.report_json.read_text())
         earlier = {r["stage"]: r for r in old.get("stages", []) if r["stage"][:2].isdigit()}
     rows = []
-    for rec in read_records(paths.runs / "records.jsonl")[n_before:]:
+    for rec in read_records(records)[n_before:]:
         earlier.pop(rec["stage"], None)
         rows.append({"stage": rec["stage"], "wall_s": rec["wall_s"], "peak_rss_mb": rec["peak_rss_mb"],
                                  "disk_mb": _mb(disk.written.get(rec["stage"], 0)),
