@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ import torch
 from . import layout
 from .config import merge, project_root
 from .files import tree_bytes
+from .runner import PeakRSS
 
 #: the dry run's folder (everything it writes)
 DRYRUN_DIR = "runs/dryrun"
@@ -618,30 +618,6 @@ def yaml_loras(path) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-class PeakRSS:
-    """Peak resident memory of this process (sampled), for the preparation steps."""
-
-    def __init__(self, interval: float = 0.2):
-        import psutil
-
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._t.start()
-        return self
-
-    def __exit__(self, *a):
-        self._stop.set()
-        self._t.join()
-
-
 def _children_cpu() -> float:
     """User + system CPU seconds of this process's finished children (papermill's kernels)."""
     import resource
@@ -1050,7 +1026,7 @@ def run_dryrun(root: str | Path | None = None, counts: Counts = DEFAULT, keep_mo
     for name, fn, _ in prep:
         before = tree_bytes(paths.root)
         t0 = time.perf_counter()
-        with PeakRSS() as mem:
+        with PeakRSS(interval=0.2, children=False) as mem:
             info = fn()
         report["stages"].append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
                                  "peak_rss_mb": _mb(mem.peak), "disk_mb": _mb(tree_bytes(paths.root) - before),
@@ -1084,7 +1060,7 @@ def run_dryrun(root: str | Path | None = None, counts: Counts = DEFAULT, keep_mo
                                  **({"error": rec["error"]} if rec.get("error") else {})})
     report["stages"] += sorted(list(earlier.values()) + rows, key=lambda r: r["stage"])
     t0 = time.perf_counter()
-    with PeakRSS() as mem:
+    with PeakRSS(interval=0.2, children=False) as mem:
         report["flops"] = flops_section(ov["stages"]["01_synthesize"], gpu, utilisation)
     report["stages"].append({"stage": "FLOP count (meta device)", "wall_s": round(time.perf_counter() - t0, 2),
                              "peak_rss_mb": _mb(mem.peak), "disk_mb": 0.0})

@@ -40,29 +40,37 @@ def select(notebooks: list[Path], only: list[str] | None = None, start: str | No
     return notebooks
 
 
-class _PeakRSS:
-    """Samples the resident memory of this process's children (the notebook kernel)."""
+class PeakRSS:
+    """Peak resident memory, sampled: of this process's children (``children=True``: the notebook kernel
+    and its workers, RSS summed) or of this process itself."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, children: bool = True):
         import psutil
 
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+        self.proc, self.interval, self.children, self.peak = psutil.Process(), interval, children, 0
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _rss(self) -> int:
         import psutil
 
+        if not self.children:
+            return self.proc.memory_info().rss
+        total = 0
+        for c in self.proc.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
         while not self._stop.is_set():
-            total = 0
-            for c in self.proc.children(recursive=True):
-                try:
-                    total += c.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self._rss())
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        self.peak = self._rss()
         self._t.start()
         return self
 
@@ -106,7 +114,7 @@ def run_study(profile: str = "tiny", only: list[str] | None = None, start: str |
         error = None
         watched = [layout.runs_dir(cfg), layout.figures_dir(cfg), out_dir]
         disk0 = sum(tree_bytes(d) for d in watched)
-        with _PeakRSS() as mem:
+        with PeakRSS() as mem:
             try:
                 pm.execute_notebook(str(nb), str(out_nb), parameters=params, kernel_name=kernel_name,
                                     cwd=str(project_root()), progress_bar=False)
