@@ -17,7 +17,9 @@ that the study's question ("which LoRA made this image?") has a visible, checkab
 
 Everything is seeded and resumable (``runs/tiny_world_train/<part>/checkpoint``); the shipped models
 live in ``data/tiny_world`` (fp16 safetensors, loaded as float32). ``scripts/train_tiny_world.py``
-runs the parts; the evaluation helpers here are shared with ``tests/test_tiny_world.py``.
+runs the parts (``--device cuda`` trains on a GPU: batches are drawn on the CPU with the part's seeded
+generator and moved, so a part resumes on either device); ``tests/test_tiny_world_train.py`` checks
+that a resumed part equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ CODEC = dict(steps=1400, batch_size=16, lr=2e-3, styled_share=0.25, kl=1e-6, l1=
 DENOISER = dict(steps=1600, batch_size=32, lr=1e-3, ema=0.999, aug=6)
 CONTROLNET = dict(steps=800, batch_size=32, lr=5e-4, aug=6)
 LORA = dict(rank=8, alpha=32, steps=300, lr=3e-3, batch_size=16, locon=True)
+#: steps between a part's checkpoints (a killed part resumes from the last one)
+CHECKPOINT_EVERY = 200
 
 
 # --------------------------------------------------------------------------------------------- photos
@@ -224,6 +228,19 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _settings(defaults: dict, overrides: dict | None, steps: int | None) -> dict:
+    """A part's settings: its defaults, then ``overrides`` (known keys only, cast to the default's type),
+    then ``steps`` when given."""
+    p = dict(defaults)
+    for k, v in (overrides or {}).items():
+        if k not in defaults:
+            raise ValueError(f"unknown setting {k!r}; known: {', '.join(sorted(defaults))}")
+        p[k] = type(defaults[k])(float(v) if isinstance(defaults[k], int) and isinstance(v, str) else v)
+    if steps is not None:
+        p["steps"] = int(steps)
+    return p
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int = 100, floor: float = 0.05) -> float:
     """Linear warm-up, then cosine decay to ``floor * lr``."""
     if step < warmup:
@@ -281,7 +298,7 @@ class Checkpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, m in modules.items():
             with atomic_path(self.dir / f"{name}.safetensors") as tmp:
-                save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(tmp))
+                save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp))
         with atomic_path(self.dir / "optimizer.pt") as tmp:
             torch.save(opt.state_dict(), tmp)
         with atomic_path(self.dir / "generator.pt") as tmp:
@@ -290,7 +307,7 @@ class Checkpoint:
 
 
 def train_loop(name: str, folder: Path, signature: dict, modules: dict, params: list, steps: int, lr: float, seed: int,
-               step_fn, checkpoint_every: int = 200, progress: bool = True, ema: dict | None = None,
+               step_fn, checkpoint_every: int | None = None, progress: bool = True, ema: dict | None = None,
                weight_decay: float = 1e-2, stop_after: int | None = None) -> dict:
     """The shared resumable loop: ``step_fn(g) -> loss``; AdamW with warm-up + cosine; optional EMA.
 
@@ -298,6 +315,7 @@ def train_loop(name: str, folder: Path, signature: dict, modules: dict, params: 
         keeps ``dst`` as the exponential moving average of ``src`` (also checkpointed via ``modules``).
     :return: {"history", "seconds", "steps"}.
     """
+    checkpoint_every = checkpoint_every or CHECKPOINT_EVERY
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ck = Checkpoint(folder, signature)
@@ -414,7 +432,7 @@ def separability(outputs: dict[str, list]) -> dict:
 # --------------------------------------------------------------------------------------------- pipeline
 
 
-def load_world_pipeline(world_dir: Path | None = None):
+def load_world_pipeline(world_dir: Path | None = None, device: str = "cpu"):
     """The world's SD1.5 ControlNet img2img pipeline, loaded exactly as ``models.load_pipeline`` loads one."""
     import diffusers
     from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
@@ -428,7 +446,7 @@ def load_world_pipeline(world_dir: Path | None = None):
         world_dir / "sd15", controlnet=controlnet, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = getattr(diffusers, SCHEDULER).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 @torch.no_grad()
@@ -490,18 +508,20 @@ def styled_bank(cache: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def vae_roundtrip(vae, ims: list[Image.Image]) -> list[Image.Image]:
-    x = to_unit(to_tensor(ims))
-    return to_pil(vae.decode(vae.encode(x).latent_dist.mode()).sample)
+    x = to_unit(to_tensor(ims)).to(next(vae.parameters()).device)
+    return to_pil(vae.decode(vae.encode(x).latent_dist.mode()).sample.cpu())
 
 
-def train_codec(seed: int = 0, steps: int = CODEC["steps"], progress: bool = True, stop_after: int | None = None) -> dict:
-    p = dict(CODEC, steps=steps)
+def train_codec(seed: int = 0, steps: int | None = None, progress: bool = True, stop_after: int | None = None,
+                device: str = "cpu", settings: dict | None = None) -> dict:
+    """Train the codec (resumable); ``settings`` overrides :data:`CODEC` (e.g. ``{"batch_size": 64}``)."""
+    p = _settings(CODEC, settings, steps)
     folder = RUN_DIR / "codec"
     train, val, p128, p64, v64 = _data(seed)
-    styled = torch.cat(list(styled_bank(RUN_DIR).values()))
-    vae = build_vae(seed)
+    vae = build_vae(seed).to(device)
     n_styled = int(round(p["batch_size"] * p["styled_share"]))
     n_photo = p["batch_size"] - n_styled
+    styled = torch.cat(list(styled_bank(RUN_DIR).values())) if n_styled else None
 
     def step_fn(g):
         idx = torch.randint(0, len(p128), (n_photo,), generator=g)
@@ -512,8 +532,9 @@ def train_codec(seed: int = 0, steps: int = CODEC["steps"], progress: bool = Tru
             flip = torch.rand(n_styled, generator=g) < 0.5
             xs[flip] = xs[flip].flip(-1)
             x = torch.cat([x, xs])
+        x = x.to(device)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
         return F.mse_loss(rec, x) + p["l1"] * F.l1_loss(rec, x) + p["kl"] * kl
@@ -527,8 +548,9 @@ def train_codec(seed: int = 0, steps: int = CODEC["steps"], progress: bool = Tru
         return r
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(to_unit(p64[i : i + 64])).latent_dist.mode() for i in range(0, len(p64), 64)])
+        lat = torch.cat([vae.encode(to_unit(p64[i : i + 64]).to(device)).latent_dist.mode() for i in range(0, len(p64), 64)])
     std = float(lat.std())
+    vae = vae.cpu()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     val_psnr = psnr([np.asarray(x) for x in vae_roundtrip(vae, v64)], [np.asarray(x) for x in v64])
     styled_val = {k: psnr([np.asarray(x) for x in vae_roundtrip(vae, v)], [np.asarray(x) for x in v])
@@ -547,35 +569,41 @@ def train_codec(seed: int = 0, steps: int = CODEC["steps"], progress: bool = Tru
 def encode_bank(vae, bank_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent mean and std (times the codec's scaling factor) of a uint8 bank, as train_lora encodes."""
     means, stds = [], []
+    device = next(vae.parameters()).device
     for i in range(0, len(bank_u8), 64):
-        d = vae.encode(to_unit(bank_u8[i : i + 64])).latent_dist
+        d = vae.encode(to_unit(bank_u8[i : i + 64]).to(device)).latent_dist
         means.append(d.mean * vae.config.scaling_factor)
         stds.append(d.std * vae.config.scaling_factor)
     return torch.cat(means), torch.cat(stds)
 
 
 def _noisy(sched, mean, std, idx, g):
-    lat = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-    noise = torch.randn(lat.shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+    """Noised latents for rows ``idx`` of a latent bank; the randomness comes from the CPU generator ``g``
+    (the same draws on every device), the tensors live where the bank lives."""
+    dev = mean.device
+    lat = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(dev)
+    noise = torch.randn(lat.shape, generator=g).to(dev)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(dev)
     return sched.add_noise(lat, noise, t), noise, t
 
 
-def train_denoiser(seed: int = 0, steps: int = DENOISER["steps"], progress: bool = True, stop_after: int | None = None) -> dict:
+def train_denoiser(seed: int = 0, steps: int | None = None, progress: bool = True, stop_after: int | None = None,
+                   device: str = "cpu", settings: dict | None = None) -> dict:
+    """Train the denoiser (resumable) and ship the base pipeline; ``settings`` overrides :data:`DENOISER`."""
     import copy
 
     from diffusers import AutoencoderKL
 
-    p = dict(DENOISER, steps=steps)
+    p = _settings(DENOISER, settings, steps)
     folder = RUN_DIR / "denoiser"
-    vae = AutoencoderKL.from_pretrained(RUN_DIR / "codec" / "final").eval()
+    vae = AutoencoderKL.from_pretrained(RUN_DIR / "codec" / "final").eval().to(device)
     train, val, p128, p64, v64 = _data(seed)
     bank = augmented_bank(p128, p64, p["aug"], seed + 1)
     mean, std = encode_bank(vae, bank)
     te = build_text_encoder(seed)
     tok = build_tokenizer(RUN_DIR / "tokenizer")
-    text = empty_prompt_embedding(te, tok)
-    unet = build_unet(seed)
+    text = empty_prompt_embedding(te, tok).to(device)
+    unet = build_unet(seed).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = ddpm()
     bs = p["batch_size"]
@@ -592,7 +620,7 @@ def train_denoiser(seed: int = 0, steps: int = DENOISER["steps"], progress: bool
                    step_fn, progress=progress, ema={"decay": p["ema"], "src": unet, "dst": ema}, stop_after=stop_after)
     if r["steps"] < p["steps"]:
         return r
-    ship_base(vae, ema.eval(), te, tok)
+    ship_base(vae.cpu(), ema.eval().cpu(), te, tok)
     res = {"steps": p["steps"], "seconds": r["seconds"], "params": n_params(ema), "text_encoder_params": n_params(te),
            "loss_first50": float(np.mean(r["history"][:50])), "loss_last200": float(np.mean(r["history"][-200:])),
            "n_bank": len(bank), "settings": p}
@@ -641,20 +669,23 @@ def load_base_parts(folder: Path | None = None):
     return vae, unet, te, tok
 
 
-def train_controlnet(seed: int = 0, steps: int = CONTROLNET["steps"], progress: bool = True, stop_after: int | None = None) -> dict:
+def train_controlnet(seed: int = 0, steps: int | None = None, progress: bool = True, stop_after: int | None = None,
+                     device: str = "cpu", settings: dict | None = None) -> dict:
+    """Train the ControlNet-Canny (resumable) with the shipped UNet frozen; ``settings`` overrides :data:`CONTROLNET`."""
     from diffusers import ControlNetModel
 
-    p = dict(CONTROLNET, steps=steps)
+    p = _settings(CONTROLNET, settings, steps)
     folder = RUN_DIR / "controlnet"
     vae, unet, te, tok = load_base_parts()
+    vae, unet = vae.to(device), unet.to(device)
     unet.requires_grad_(False)
-    text = empty_prompt_embedding(te, tok)
+    text = empty_prompt_embedding(te, tok).to(device)
     train, val, p128, p64, v64 = _data(seed)
     bank = augmented_bank(p128, p64, p["aug"], seed + 2)
     mean, std = encode_bank(vae, bank)
-    cond = control_tensor(bank)
+    cond = control_tensor(bank).to(device)
     torch.manual_seed(seed + 3)
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CN_COND_CHANNELS)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CN_COND_CHANNELS).to(device)
     sched = ddpm()
     bs = p["batch_size"]
 
@@ -673,7 +704,7 @@ def train_controlnet(seed: int = 0, steps: int = CONTROLNET["steps"], progress: 
                    progress=progress, stop_after=stop_after)
     if r["steps"] < p["steps"]:
         return r
-    save_fp16(cn.eval(), CONTROLNET_DIR)
+    save_fp16(cn.eval().cpu(), CONTROLNET_DIR)
     res = {"steps": p["steps"], "seconds": r["seconds"], "params": n_params(cn), "loss_first50": float(np.mean(r["history"][:50])),
            "loss_last200": float(np.mean(r["history"][-200:])), "settings": p}
     write_json_atomic(res, folder / "result.json")
@@ -692,7 +723,8 @@ def lora_items(slug: str):
     return items
 
 
-def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = True, settings: dict | None = None) -> dict:
+def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = True, settings: dict | None = None,
+                device: str = "cpu") -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -709,7 +741,7 @@ def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = 
         res = train_lora(str(SD15_DIR), lora_items(st.lora), folder, int(p["rank"]), alpha=float(p["alpha"]),
                          steps=int(p["steps"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=seed * 1000 + k,
                          checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None,
-                         max_timestep=p.get("max_timestep"))
+                         max_timestep=p.get("max_timestep"), device=device)
         kohya = Path(res["kohya"])
         with safe_open(str(kohya), framework="pt") as f:
             meta = f.metadata() or {}
@@ -812,12 +844,13 @@ def grid(rows: list[list[Image.Image]], labels: list[str], cell: int = RESOLUTIO
     return g
 
 
-def evaluate(seed: int = 0, strengths=(0.5, 0.6, 0.7, 0.8, 0.9), strength: float = STRENGTH, progress: bool = True) -> dict:
+def evaluate(seed: int = 0, strengths=(0.5, 0.6, 0.7, 0.8, 0.9), strength: float = STRENGTH, progress: bool = True,
+             device: str = "cpu") -> dict:
     """Every figure of record.json's "evaluation": codec PSNR, img2img PSNR, edge agreement with/without ControlNet,
     per-style recognition at each strength of the sweep, stage-01 throughput; writes the preview grid."""
     from .styles import STYLES
 
-    pipe = load_world_pipeline()
+    pipe = load_world_pipeline(device=device)
     ids, ims = heldout_images()
     arr = [np.asarray(x) for x in ims]
     res: dict = {"n_heldout": len(ims), "heldout": ids}

@@ -10,6 +10,12 @@ retrain one). One torch thread, as the study's stage 01 uses; run it niced on a 
     nice -n 10 .venv/bin/python scripts/train_tiny_world.py --only loras preview
     nice -n 10 .venv/bin/python scripts/train_tiny_world.py --only loras --slugs anime disco
 
+On a GPU (the parts' batches are still drawn on the CPU from the seeded generators, so a part stopped on
+one device resumes on the other), with any part's settings overridden (they become part of the
+checkpoint's signature, so a changed setting refuses to resume an old checkpoint):
+
+    .venv/bin/python scripts/train_tiny_world.py --device cuda --set denoiser.steps=40000 denoiser.batch_size=256
+
 Parts, in order (each needs the ones before): codec, denoiser (writes data/tiny_world/sd15), controlnet
 (writes data/tiny_world/controlnet-canny), loras (data/tiny_world/loras + catalog.yaml), preview (evaluation,
 strength sweep, data/tiny_world/synthesis_preview.png). record.json is rewritten after every run.
@@ -33,8 +39,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slugs", nargs="+", help="loras: train only these LoRA slugs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="torch device for training and evaluation (default cpu)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="PART.KEY=VALUE",
+                    help="override a part's setting, e.g. codec.batch_size=64 denoiser.steps=40000 loras.rank=16")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    try:
+        overrides = parse_overrides(a.set)
+    except ValueError as e:
+        ap.error(str(e))
 
     import cv2
     import torch
@@ -60,24 +73,24 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         if part == "codec" and not done("codec"):
-            tw.train_codec(a.seed, progress=progress)
+            tw.train_codec(a.seed, progress=progress, device=a.device, settings=overrides["codec"])
         elif part == "denoiser" and not done("denoiser"):
-            tw.train_denoiser(a.seed, progress=progress)
+            tw.train_denoiser(a.seed, progress=progress, device=a.device, settings=overrides["denoiser"])
         elif part == "controlnet" and not done("controlnet"):
-            tw.train_controlnet(a.seed, progress=progress)
+            tw.train_controlnet(a.seed, progress=progress, device=a.device, settings=overrides["controlnet"])
         elif part == "loras":
             from lorafind_utils.styles import STYLES
 
             todo = [s.lora for s in STYLES.values() if (a.slugs is None or s.lora in a.slugs)
                     and not (tw.RUN_DIR / "loras" / s.lora / "result.json").exists()]
             if todo:
-                tw.train_loras(a.seed, slugs=todo, progress=progress)
+                tw.train_loras(a.seed, slugs=todo, progress=progress, settings=overrides["loras"], device=a.device)
             results = {s.lora: json.loads((tw.RUN_DIR / "loras" / s.lora / "result.json").read_text())
                        for s in STYLES.values() if (tw.RUN_DIR / "loras" / s.lora / "result.json").exists()}
             if len(results) == len(STYLES):
                 tw.write_catalog(results)
         elif part == "preview":
-            res = tw.evaluate(a.seed, progress=progress)
+            res = tw.evaluate(a.seed, progress=progress, device=a.device)
             res["seconds"] = time.perf_counter() - t0
             write_json_atomic(res, tw.RUN_DIR / "preview" / "result.json")
         wall[part] = time.perf_counter() - t0
@@ -85,6 +98,26 @@ def main(argv=None) -> int:
 
     write_record(tw)
     return 0
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["codec.batch_size=64", ...]`` -> {"codec": {"batch_size": "64"}, ...}; the part checks key and type."""
+    out: dict[str, dict] = {p: {} for p in PARTS[:4]}
+    for item in items:
+        key, sep, value = item.partition("=")
+        part, dot, name = key.partition(".")
+        if not sep or not dot or part not in out or not name:
+            raise ValueError(f"--set {item!r}: expected PART.KEY=VALUE with PART one of {', '.join(out)}")
+        out[part][name] = value
+    if out["loras"]:
+        from lorafind_utils.tiny_world import LORA
+
+        for name, value in list(out["loras"].items()):
+            if name not in LORA:
+                raise ValueError(f"--set loras.{name}: unknown; known: {', '.join(sorted(LORA))}")
+            d = LORA[name]
+            out["loras"][name] = value.lower() in ("1", "true", "yes") if isinstance(d, bool) else type(d)(float(value))
+    return out
 
 
 def write_record(tw) -> None:
