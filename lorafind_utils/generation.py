@@ -38,12 +38,17 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
 
     :param p: ``prompts`` (text-to-image, one image each), ``query_set`` and ``images_per_lora``
         (img2img from that set's base images, a different one for each LoRA), ``seed``,
-        ``strength``, ``steps``, ``guidance_scale``, ``resolution``, Canny thresholds.
+        ``strength``, ``steps``, ``guidance_scale``, ``resolution``, Canny thresholds; and
+        ``style_query_set`` / ``style_query_images``: "style samples" -- photos of that set (never
+        trained on) run through the true style of every catalog entry that names one
+        (``style:``, a :mod:`lorafind_utils.styles` name), as a user's sample of a style would be.
     """
     out_dir = Path(out_dir)
     keys = ("prompts", "query_set", "images_per_lora", "seed", "strength", "steps", "guidance_scale", "resolution",
             "controlnet_scale", "canny_low", "canny_high")
     params = {k: p[k] for k in keys}
+    if p.get("style_query_set"):  # (absent when off, so queries made before style samples existed still match)
+        params.update(style_query_set=p["style_query_set"], style_query_images=int(p.get("style_query_images", 0)))
     man_path = layout.queries_manifest(out_dir)
     if man_path.exists():
         man = json.loads(man_path.read_text())
@@ -53,13 +58,22 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     if int(p["images_per_lora"]):
         check_denoising_steps(p["steps"], p["strength"], "stage 05 img2img queries")
     catalog = prepare_loras(cfg)  # only when queries must be made: finished ones need no LoRA file
+    if p.get("style_query_set"):  # every named style checked before anything is made
+        from .styles import get_style
+
+        for e in catalog:
+            if e.get("style"):
+                try:
+                    get_style(str(e["style"]))
+                except ValueError as err:
+                    raise ValueError(f"{cfg['catalog']}: LoRA {e['slug']}: {err}") from None
     pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     t2i = text_to_image_pipeline(pipe)
     bases = read_base_set(layout.base_set_dir(cfg, p["query_set"]))
     prepared, _ = prepare_base_images(bases, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
     n_img = int(p["images_per_lora"])
     queries = []
-    bar = tqdm(total=len(catalog) * (len(p["prompts"]) + n_img), desc="query images", unit="img", disable=not progress)
+    bar = tqdm(total=len(catalog) * (len(p["prompts"]) + n_img + 1), desc="query images", unit="img", disable=not progress)
     for k, e in enumerate(catalog):
         load_lora(pipe, e["path"], e["slug"], weight=1.0)
         try:
@@ -73,6 +87,8 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
                     _save_png(im, out_dir / rel)
                 queries.append({"file": rel, "lora": e["slug"], "seed": s, "how": f"text-to-image: '{prompt}'"})
                 bar.update()
+            queries += _style_samples(cfg, e, p, out_dir)
+            bar.update()
             for j in range(n_img):
                 x = prepared[(k * n_img + j) % len(prepared)]
                 rel = layout.query_rel(e["slug"], f"{p['query_set']}_{x.image.id}.png")
@@ -89,6 +105,26 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     man = {"params": params, "queries": queries}
     write_json_atomic(man, man_path)
     return man
+
+
+def _style_samples(cfg: dict, entry: dict, p: dict, out_dir: Path) -> list[dict]:
+    """The entry's style-sample queries (none if off or if the entry names no style)."""
+    from .images import square_resize
+    from .styles import get_style
+
+    if not p.get("style_query_set") or not entry.get("style"):
+        return []
+    style = get_style(str(entry["style"]))
+    photos = read_base_set(layout.base_set_dir(cfg, p["style_query_set"]))
+    n = int(p.get("style_query_images", 0)) or len(photos)
+    out = []
+    for b in photos[:n]:
+        rel = layout.query_rel(entry["slug"], f"style_{p['style_query_set']}_{b.id}.png")
+        if not (out_dir / rel).exists():
+            _save_png(style.fn(square_resize(load_rgb(b.path), int(p["resolution"]))), out_dir / rel)
+        out.append({"file": rel, "lora": entry["slug"], "base_image": f"{p['style_query_set']}/{b.id}",
+                    "how": f"style sample: {style.name} applied to {p['style_query_set']} photo {b.id}"})
+    return out
 
 
 def _save_png(im: Image.Image, path: Path) -> None:

@@ -134,10 +134,20 @@ def _lora_params(unet):
     return {k: v for k, v in unet.named_parameters() if "lora_" in k}
 
 
+def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per timestep, as diffusers' training scripts compute them
+    (``training_utils.compute_snr``): ``min(SNR, gamma) / SNR`` for epsilon, ``/ (SNR + 1)`` for v."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, timesteps)
+    return torch.clamp(snr, max=float(gamma)) / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
+
+
 def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, rank: int, alpha: float | None = None,
                steps: int = 200, lr: float = 1e-4, batch_size: int = 4, seed: int = 0, checkpoint_every: int = 50,
                device: str = "cpu", progress: bool = True, stop_after: int | None = None,
-               target_modules: list[str] | None = None, max_timestep: int | None = None) -> dict:
+               target_modules: list[str] | None = None, max_timestep: int | None = None,
+               min_timestep: int | None = None, snr_gamma: float | None = None) -> dict:
     """Train one LoRA; resumes from ``out_dir/checkpoint`` if a previous run stopped.
 
     :param target_modules: UNet module names the LoRA adapts (PEFT ``target_modules``); default the
@@ -145,6 +155,11 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
 
     :param max_timestep: sample training timesteps from ``[0, max_timestep)`` only (kohya's ``--max_timestep``):
         a LoRA used for img2img at strength s only ever sees timesteps below ``s * 1000``.
+    :param min_timestep: sample from ``[min_timestep, max_timestep)`` (kohya's ``--min_timestep``).
+    :param snr_gamma: Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``, kohya's
+        ``--min_snr_gamma``): each sample's loss times ``min(SNR, gamma) / SNR`` (epsilon) or
+        ``min(SNR, gamma) / (SNR + 1)`` (v-prediction), so the nearly-clean timesteps, whose loss is
+        largest, stop drowning out the noisy ones that set an image's colours and layout.
     :param stop_after: stop (as a kill would) after this many steps in this call -- for tests.
     :return: {"history": [{step, loss}], "lora": diffusers-layout file, "kohya": kohya-layout file, ...}
     """
@@ -195,6 +210,15 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         raise ValueError(f"max_timestep must be in 1..{sched.config.num_train_timesteps}, got {max_timestep}")
     if max_timestep is not None:
         run_sig["max_timestep"] = t_max
+    t_min = 0 if min_timestep is None else int(min_timestep)
+    if not 0 <= t_min < t_max:
+        raise ValueError(f"min_timestep must be in 0..{t_max - 1} (below max_timestep), got {min_timestep}")
+    if min_timestep is not None:
+        run_sig["min_timestep"] = t_min
+    if snr_gamma is not None:
+        if not float(snr_gamma) > 0:
+            raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
+        run_sig["snr_gamma"] = float(snr_gamma)
     ckpt = layout.lora_checkpoint_dir(out_dir)
     start, history, seconds = 0, [], 0.0  # seconds: training time of all calls that made these steps
     g = torch.Generator().manual_seed(seed)
@@ -239,7 +263,7 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
         noise = torch.randn(latents_mean[idx].shape, generator=g).to(device)
         lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g).to(device)
-        t = torch.randint(0, t_max, (len(idx),), generator=g).to(device)
+        t = torch.randint(t_min, t_max, (len(idx),), generator=g).to(device)
         noisy = sched.add_noise(lat, noise, t)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             pred = unet(noisy, t, text[idx]).sample
@@ -249,7 +273,11 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
             target = sched.get_velocity(lat, noise, t)
         else:
             raise ValueError(f"unsupported prediction type '{sched.config.prediction_type}'")
-        loss = F.mse_loss(pred.float(), target.float())
+        if snr_gamma is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weights(sched, t, snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -439,7 +467,8 @@ def run_sweep(cfg: dict, p: dict, progress: bool = True) -> dict:
     for r in ranks:
         res = train_lora(base, train_items, layout.style_rank_dir(run_dir, r), r, alpha=(p["alpha"] or None), steps=int(p["steps"]),
                          lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
-                         checkpoint_every=int(p["checkpoint_every"]), device=device, progress=progress)
+                         checkpoint_every=int(p["checkpoint_every"]), device=device, progress=progress,
+                         snr_gamma=float(p["snr_gamma"]) or None)
         trained.append({**res, "rank": r, "slug": f"{p['run_name']}_r{r}", "name": f"{p['style_name']} (rank {r})",
                         "short": f"{p['style_name']} r{r}", "base_model": cfg["models"]["base"]})
     clip_path = p["clip_model"]

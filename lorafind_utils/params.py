@@ -128,6 +128,7 @@ STAGE_PARAMS: dict[str, dict[str, Param]] = {
         "queries_dir": STR, "make_queries": BOOL, "prompts": Param("list[str]"), "query_set": SET,
         "images_per_lora": NONNEG, "query_seed": SEED, "strength": Param("float", lo=0.01, hi=1.0),
         "guidance_scale": Param("float", lo=0.0), "run_name": Param("name"), "figure_queries": POS, "figure_top": POS,
+        "style_query_set": STR, "style_query_images": NONNEG,
     },
     "06_generate": {
         "queries": Param("list[int]", lo=0, empty=False), "base_set": SET, "base_image": STR, "seed": SEED,
@@ -141,6 +142,7 @@ STAGE_PARAMS: dict[str, dict[str, Param]] = {
         "infer_steps": POS, "guidance_scale": Param("float", lo=0.0),
         "feature_net": Param("str", choices=("inception", "efficientnet_lite0")),
         "lpips_backbone": Param("str", choices=("imagenet", "random")), "clip_model": STR, "run_name": RUN,
+        "snr_gamma": Param("float", lo=0.0),
     },
     "08_index": {
         "encoder": Param("str", empty=False), "variant": Param("str", choices=("prototype", "content_cancelled")),

@@ -166,7 +166,8 @@ def retrieve(cfg: dict, params: dict, source: str = "parameters", progress: bool
     if p["make_queries"]:
         qp = dict(stage_params(cfg, "01_synthesize"), prompts=p["prompts"], query_set=p["query_set"],
                   images_per_lora=p["images_per_lora"], seed=p["query_seed"], strength=p["strength"],
-                  guidance_scale=p["guidance_scale"])
+                  guidance_scale=p["guidance_scale"], style_query_set=p["style_query_set"],
+                  style_query_images=p["style_query_images"])
         make_queries(cfg, qp, qdir, progress=progress)
     ranker = Ranker.from_profile(cfg, p["run_name"] or None)
     log(f"classifier: {ranker.backbone}, input {ranker.size} px")

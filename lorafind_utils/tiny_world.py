@@ -741,7 +741,8 @@ def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = 
         res = train_lora(str(SD15_DIR), lora_items(st.lora), folder, int(p["rank"]), alpha=float(p["alpha"]),
                          steps=int(p["steps"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=seed * 1000 + k,
                          checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None,
-                         max_timestep=p.get("max_timestep"), device=device)
+                         max_timestep=p.get("max_timestep"), min_timestep=p.get("min_timestep"),
+                         snr_gamma=p.get("snr_gamma"), device=device)
         kohya = Path(res["kohya"])
         with safe_open(str(kohya), framework="pt") as f:
             meta = f.metadata() or {}

@@ -110,6 +110,39 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, catalog, style_s
         train_lora(tiny_cfg["models"]["base"], train, tmp_path / "resumed", **{**kw, "rank": 8})
 
 
+def test_min_snr_weights_match_the_hand_computed_schedule():
+    from diffusers import DDPMScheduler
+
+    from lorafind_utils.lora_training import min_snr_weights
+
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # SD1.5's scaled-linear schedule
+    abar = np.cumprod(1 - betas)
+    snr = abar / (1 - abar)
+    t = torch.tensor([0, 100, 250, 500, 999])
+    eps = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    w = min_snr_weights(eps, t, 5.0).double().numpy()
+    np.testing.assert_allclose(w, np.minimum(snr[t], 5.0) / snr[t], rtol=1e-4)
+    assert w[0] < 0.01 and w[-1] == pytest.approx(1.0)  # nearly-clean steps weigh little, noisy ones fully
+    v = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    np.testing.assert_allclose(min_snr_weights(v, t, 5.0).double().numpy(), np.minimum(snr[t], 5.0) / (snr[t] + 1), rtol=1e-4)
+
+
+def test_timestep_window_and_snr_gamma_are_checked_and_part_of_the_run(tiny_cfg, catalog, style_set, tmp_path):
+    train, _ = split_style_set(style_set, 0.25, 0)
+    kw = dict(rank=2, steps=4, lr=1e-3, batch_size=2, checkpoint_every=2, progress=False, seed=4)
+    base = tiny_cfg["models"]["base"]
+    for bad, msg in (({"min_timestep": 700, "max_timestep": 700}, "min_timestep"), ({"snr_gamma": 0}, "snr_gamma")):
+        with pytest.raises(ValueError, match=msg):
+            train_lora(base, train, tmp_path / "bad", **kw, **bad)
+    plain = train_lora(base, train, tmp_path / "plain", **kw)
+    weighted = train_lora(base, train, tmp_path / "w", **kw, snr_gamma=5.0, min_timestep=500)
+    # same seed, same draws: the window moves the timesteps and the weights change every loss
+    assert all(a["loss"] != b["loss"] for a, b in zip(plain["history"], weighted["history"]))
+    train_lora(base, train, tmp_path / "w2", stop_after=2, **kw, snr_gamma=5.0)
+    with pytest.raises(ValueError, match="belongs to another run .*snr_gamma"):
+        train_lora(base, train, tmp_path / "w2", **kw, snr_gamma=1.0)
+
+
 # --- metrics on cases with known answers (small injected networks, as offline tests must) -----
 
 

@@ -167,3 +167,44 @@ def test_generate_cli_applies_the_lora(tiny_cfg, catalog, tmp_path, capsys):
     assert outs[0].shape == (64, 64, 3) and np.abs(outs[0] - outs[1]).mean() > 1  # the LoRA changes the output
     assert main(["generate", "--profile", str(prof), "--lora", "nope", "--image", base]) == 2
     assert "unknown LoRA 'nope'" in capsys.readouterr().err
+
+
+def test_style_samples_are_unseen_photos_in_the_entrys_true_style(tiny_cfg, catalog, tiny_pipe, tiny_root, tmp_path):
+    from conftest import tiny_overrides
+
+    from lorafind_utils.config import stage_params
+    from lorafind_utils.generation import make_queries
+    from lorafind_utils.images import load_rgb, read_base_set, square_resize
+    from lorafind_utils.retrieval import read_queries
+    from lorafind_utils.styles import get_style
+
+    data = yaml.safe_load(open(tiny_cfg["catalog"]))
+    styles = {"anime": "cartoon", "xiaorensu": "sepia print"}
+    for e in data["loras"]:
+        if e["slug"] in styles:
+            e["style"] = styles[e["slug"]]
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump(data))
+    # its own lora_dir: the shared one's files are built for the shared catalog
+    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "catalog": str(cat), "runs_dir": str(tmp_path / "runs"),
+                                "lora_dir": str(tmp_path / "loras")})
+    p = dict(stage_params(cfg, "01_synthesize"), prompts=[], query_set="faces", images_per_lora=0, seed=1, strength=0.6,
+             guidance_scale=1.0, style_query_set="variety", style_query_images=2)
+    man = make_queries(cfg, p, tmp_path / "q", pipe=tiny_pipe, progress=False)
+    assert [(q["lora"], q["how"].split(":")[0]) for q in man["queries"]] == [("anime", "style sample")] * 2 + [
+        ("xiaorensu", "style sample")] * 2
+    photos = read_base_set(cfg["base_images"]["variety"])[:2]
+    for q in man["queries"]:
+        b = next(x for x in photos if q["base_image"] == f"variety/{x.id}")
+        want = get_style(styles[q["lora"]]).fn(square_resize(load_rgb(b.path), p["resolution"]))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "q" / q["file"]).convert("RGB")), np.asarray(want))
+    qs = read_queries(tmp_path / "q", load_catalog(cfg))
+    assert {q.how.split(" ")[0] for q in qs} == {"style"} and len(qs) == 4
+    assert make_queries(cfg, p, tmp_path / "q", pipe=tiny_pipe, progress=False) == man  # finished: read back
+    with pytest.raises(ValueError, match="other parameters"):
+        make_queries(cfg, {**p, "style_query_images": 3}, tmp_path / "q", pipe=tiny_pipe, progress=False)
+    data["loras"][0]["style"] = "crayon"
+    cat.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="LoRA anime: unknown style 'crayon'"):
+        make_queries(cfg, p, tmp_path / "q2", pipe=tiny_pipe, progress=False)
+    assert not (tmp_path / "q2").exists()  # refused before anything was made
