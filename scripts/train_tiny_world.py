@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for training and evaluation (default cpu)")
     ap.add_argument("--set", nargs="+", default=[], metavar="PART.KEY=VALUE",
                     help="override a part's setting, e.g. codec.batch_size=64 denoiser.steps=40000 loras.rank=16")
+    ap.add_argument("--strength", type=float, default=None, help="preview: the img2img strength evaluated in full "
+                    "(default tiny_world.STRENGTH)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             if len(results) == len(STYLES):
                 tw.write_catalog(results)
         elif part == "preview":
-            res = tw.evaluate(a.seed, progress=progress, device=a.device)
+            res = tw.evaluate(a.seed, progress=progress, device=a.device, strength=a.strength)
             res["seconds"] = time.perf_counter() - t0
             write_json_atomic(res, tw.RUN_DIR / "preview" / "result.json")
         wall[part] = time.perf_counter() - t0
@@ -139,6 +141,7 @@ def write_record(tw) -> None:
     rec["loras"] = {s.lora: load(tw.RUN_DIR / "loras" / s.lora / "result.json") for s in STYLES.values()}
     ev = load(tw.RUN_DIR / "preview" / "result.json")
     if ev:
+        rec["strength"] = ev.get("strength", tw.STRENGTH)
         rec["evaluation"] = ev
         rs = ev["recognition"]
         for slug, r in rec["loras"].items():

@@ -114,3 +114,20 @@ def test_script_parses_overrides():
             mod.parse_overrides(bad)
     with pytest.raises(SystemExit):
         mod.main(["--set", "nonsense"])
+
+
+def test_loras_train_on_the_world_and_the_retrieval_probe_scores_them(trained):
+    root, *_ = trained
+    res = tw.train_loras(0, slugs=["xiaorensu", "liuli"], progress=False, settings={"steps": 2, "batch_size": 2})
+    assert set(res) == {"xiaorensu", "liuli"} and res["liuli"]["snr_gamma"] == tw.LORA["snr_gamma"] == 1.0
+    files = {s: root / "world" / "loras" / f"{s}.safetensors" for s in res}
+    from lorafind_utils.loras import inspect_lora
+
+    assert all(inspect_lora(f).layout == "kohya-locon" for f in files.values())  # LoCon: conv keys too
+    pipe = tw.load_world_pipeline(root / "world")
+    probe = tw.retrieval_probe(pipe, files, strength=0.7, n_train=4)
+    assert probe["chance"] == {"top1": 0.5, "top3": 1.0, "mrr": 0.75}
+    for part, n in (("style_samples", 2 * len(tw.pool("queries"))), ("own_generations", 2 * len(tw.split_base()[1]))):
+        m = probe[part]
+        assert m["n"] == n and m["top3"] == 1.0 and 0.5 <= m["mrr"] <= 1.0 and m["mrr"] == pytest.approx(0.5 + m["top1"] / 2)
+        assert set(m["per_style"]) == set(files)
