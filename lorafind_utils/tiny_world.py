@@ -830,6 +830,7 @@ def retrieval_probe(pipe, loras: dict[str, Path], strength: float, n_train: int 
     from sklearn.linear_model import LogisticRegression
 
     from .classifier import build_model, features
+    from .retrieval import retrieval_metrics
     from .styles import get_style
 
     slugs = list(loras)
@@ -846,9 +847,10 @@ def retrieval_probe(pipe, loras: dict[str, Path], strength: float, n_train: int 
 
     def scores(Xq, yq):
         P = clf.predict_proba(Xq)
-        ranks = (P > P[np.arange(len(yq)), yq][:, None]).sum(1)
-        return {"top1": float((ranks == 0).mean()), "top3": float((ranks < 3).mean()), "mrr": float((1 / (ranks + 1)).mean()),
-                "per_style": {s: float((ranks[yq == k] == 0).mean()) for k, s in enumerate(slugs)}, "n": len(yq)}
+        ranks = 1 + (P > P[np.arange(len(yq)), yq][:, None]).sum(1)  # 1-based rank of the true LoRA
+        m = retrieval_metrics(ranks)
+        return {"top1": m["top1"], "top3": m["top3"], "mrr": m["mrr"], "n": m["queries"],
+                "per_style": {s: float((ranks[yq == k] == 1).mean()) for k, s in enumerate(slugs)}}
 
     q = load_square(pool("queries"), RESOLUTION)
     Xs = np.concatenate([feats([get_style(s).fn(im) for im in q]) for s in slugs])
@@ -858,7 +860,7 @@ def retrieval_probe(pipe, loras: dict[str, Path], strength: float, n_train: int 
     k = len(slugs)
     return {"strength": strength, "n_train": len(ims), "style_samples": scores(Xs, np.repeat(np.arange(k), len(q))),
             "own_generations": scores(Xo, np.repeat(np.arange(k), len(him))),
-            "chance": {"top1": 1 / k, "top3": min(3, k) / k, "mrr": float(np.mean(1 / np.arange(1, k + 1)))}}
+            "chance": {"top1": 1 / k, "top3": min(3, k) / k, "mrr": retrieval_metrics([1], k)["chance_mrr"]}}
 
 
 def throughput(pipe, lora: Path | None, strength: float, n: int = 32, repeats: int = 2) -> float:
