@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import socket
 import sys
 import time
@@ -126,8 +127,8 @@ def tree_bytes(folder: str | Path, exclude: tuple[Path, ...] = ()) -> int:
         for f in filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
+            except OSError:  # removed while walking
                 continue
-            if not os.path.islink(os.path.join(dirpath, f)):
+            if stat.S_ISREG(st.st_mode):  # not a link, socket or fifo
                 total += st.st_size
     return total

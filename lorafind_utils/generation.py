@@ -58,15 +58,7 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     if int(p["images_per_lora"]):
         check_denoising_steps(p["steps"], p["strength"], "stage 05 img2img queries")
     catalog = prepare_loras(cfg)  # only when queries must be made: finished ones need no LoRA file
-    if p.get("style_query_set"):  # every named style checked before anything is made
-        from .styles import get_style
-
-        for e in catalog:
-            if e.get("style"):
-                try:
-                    get_style(str(e["style"]))
-                except ValueError as err:
-                    raise ValueError(f"{cfg['catalog']}: LoRA {e['slug']}: {err}") from None
+    styles, photos = _style_sample_inputs(cfg, catalog, p)  # every named style checked before anything is made
     pipe = pipe or load_pipeline(cfg, cfg["device"], p["dtype"])
     t2i = text_to_image_pipeline(pipe)
     bases = read_base_set(layout.base_set_dir(cfg, p["query_set"]))
@@ -87,7 +79,8 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
                     _save_png(im, out_dir / rel)
                 queries.append({"file": rel, "lora": e["slug"], "seed": s, "how": f"text-to-image: '{prompt}'"})
                 bar.update()
-            queries += _style_samples(cfg, e, p, out_dir)
+            if e["slug"] in styles:
+                queries += _style_samples(e["slug"], styles[e["slug"]], photos, p["style_query_set"], out_dir)
             bar.update()
             for j in range(n_img):
                 x = prepared[(k * n_img + j) % len(prepared)]
@@ -107,23 +100,37 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     return man
 
 
-def _style_samples(cfg: dict, entry: dict, p: dict, out_dir: Path) -> list[dict]:
-    """The entry's style-sample queries (none if off or if the entry names no style)."""
+def _style_sample_inputs(cfg: dict, catalog: list[dict], p: dict) -> tuple[dict, list]:
+    """({slug: its Style} for the entries that name one, [(photo id, photo at the stage's resolution)]),
+    both empty when style samples are off; an unknown style is an error naming the entry."""
     from .images import square_resize
     from .styles import get_style
 
-    if not p.get("style_query_set") or not entry.get("style"):
-        return []
-    style = get_style(str(entry["style"]))
-    photos = read_base_set(layout.base_set_dir(cfg, p["style_query_set"]))
-    n = int(p.get("style_query_images", 0)) or len(photos)
+    if not p.get("style_query_set"):
+        return {}, []
+    styles = {}
+    for e in catalog:
+        if e.get("style"):
+            try:
+                styles[e["slug"]] = get_style(str(e["style"]))
+            except ValueError as err:
+                raise ValueError(f"{cfg['catalog']}: LoRA {e['slug']}: {err}") from None
+    if not styles:
+        return {}, []
+    bases = read_base_set(layout.base_set_dir(cfg, p["style_query_set"]))
+    bases = bases[: int(p.get("style_query_images", 0)) or len(bases)]
+    return styles, [(b.id, square_resize(load_rgb(b.path), int(p["resolution"]))) for b in bases]
+
+
+def _style_samples(slug: str, style, photos: list, set_name: str, out_dir: Path) -> list[dict]:
+    """One LoRA's style-sample queries: each photo in its true style (written once; resumable)."""
     out = []
-    for b in photos[:n]:
-        rel = layout.query_rel(entry["slug"], f"style_{p['style_query_set']}_{b.id}.png")
+    for pid, im in photos:
+        rel = layout.query_rel(slug, f"style_{set_name}_{pid}.png")
         if not (out_dir / rel).exists():
-            _save_png(style.fn(square_resize(load_rgb(b.path), int(p["resolution"]))), out_dir / rel)
-        out.append({"file": rel, "lora": entry["slug"], "base_image": f"{p['style_query_set']}/{b.id}",
-                    "how": f"style sample: {style.name} applied to {p['style_query_set']} photo {b.id}"})
+            _save_png(style.fn(im), out_dir / rel)
+        out.append({"file": rel, "lora": slug, "base_image": f"{set_name}/{pid}",
+                    "how": f"style sample: {style.name} applied to {set_name} photo {pid}"})
     return out
 
 

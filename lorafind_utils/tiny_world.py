@@ -233,13 +233,18 @@ def n_params(m: torch.nn.Module) -> int:
 
 
 def _settings(defaults: dict, overrides: dict | None, steps: int | None) -> dict:
-    """A part's settings: its defaults, then ``overrides`` (known keys only, cast to the default's type),
-    then ``steps`` when given."""
+    """A part's settings: its defaults, then ``overrides`` (known keys only, cast to the default's type;
+    strings as a command line gives them: "40000", "5e-4", "false"), then ``steps`` when given."""
     p = dict(defaults)
     for k, v in (overrides or {}).items():
         if k not in defaults:
             raise ValueError(f"unknown setting {k!r}; known: {', '.join(sorted(defaults))}")
-        p[k] = type(defaults[k])(float(v) if isinstance(defaults[k], int) and isinstance(v, str) else v)
+        d = defaults[k]
+        if isinstance(v, str) and isinstance(d, bool):
+            v = v.lower() in ("1", "true", "yes")
+        elif isinstance(v, str) and isinstance(d, int):
+            v = float(v)
+        p[k] = type(d)(v)
     if steps is not None:
         p["steps"] = int(steps)
     return p
@@ -728,38 +733,39 @@ def lora_items(slug: str):
 
 
 def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = True, settings: dict | None = None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Train the style LoRAs (resumable, under ``run_dir``, default ``RUN_DIR/loras``) and write fp16 kohya files
+    to ``out_dir`` (default ``LORA_DIR``); ``settings`` overrides :data:`LORA`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .lora_training import LOCON_MODULES, train_lora
     from .styles import STYLES
 
-    p = dict(LORA, **(settings or {}))
+    p = _settings(LORA, settings, None)
     out = {}
     for k, st in enumerate(STYLES.values()):
         if slugs and st.lora not in slugs:
             continue
-        folder = Path(p.get("run_dir", RUN_DIR / "loras")) / st.lora
+        folder = Path(run_dir or RUN_DIR / "loras") / st.lora
         t0 = time.perf_counter()
         res = train_lora(str(SD15_DIR), lora_items(st.lora), folder, int(p["rank"]), alpha=float(p["alpha"]),
                          steps=int(p["steps"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=seed * 1000 + k,
                          checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None,
-                         max_timestep=p.get("max_timestep") or None, min_timestep=p.get("min_timestep") or None,
-                         snr_gamma=p.get("snr_gamma") or None, device=device)
+                         max_timestep=p["max_timestep"] or None, min_timestep=p["min_timestep"] or None,
+                         snr_gamma=p["snr_gamma"] or None, device=device)
         kohya = Path(res["kohya"])
         with safe_open(str(kohya), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {key: (f.get_tensor(key) if key.endswith(".alpha") else f.get_tensor(key).half()) for key in f.keys()}
-        lora_dir = Path(p.get("out_dir", LORA_DIR))
+        lora_dir = Path(out_dir or LORA_DIR)
         lora_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(lora_dir / f"{st.lora}.safetensors") as tmp:
             save_file(sd, str(tmp), metadata={**meta, "lorafind_tiny_world": st.lora, "style": st.name})
         hist = [h["loss"] for h in res["history"]]
         out[st.lora] = {"style": st.name, "rank": int(p["rank"]), "alpha": float(p["alpha"]), "steps": int(p["steps"]),
                         "layout": "locon" if p["locon"] else "lora", "lr": float(p["lr"]), "batch_size": int(p["batch_size"]),
-                        "snr_gamma": float(p.get("snr_gamma") or 0), "min_timestep": int(p.get("min_timestep") or 0),
-                        "max_timestep": int(p.get("max_timestep") or 0),
+                        "snr_gamma": p["snr_gamma"], "min_timestep": p["min_timestep"], "max_timestep": p["max_timestep"],
                         "train_seconds": res["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                         "loss_first50": float(np.mean(hist[:50])), "loss_last100": float(np.mean(hist[-100:])),
                         "n_items": len(res["train_images"])}

@@ -103,7 +103,10 @@ def main(argv=None) -> int:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``["codec.batch_size=64", ...]`` -> {"codec": {"batch_size": "64"}, ...}; the part checks key and type."""
+    """``["codec.batch_size=64", ...]`` -> {"codec": {"batch_size": "64"}, ...}, every key and value checked
+    against the part's settings (``tiny_world._settings``) before anything trains."""
+    from lorafind_utils import tiny_world as tw
+
     out: dict[str, dict] = {p: {} for p in PARTS[:4]}
     for item in items:
         key, sep, value = item.partition("=")
@@ -111,14 +114,12 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         if not sep or not dot or part not in out or not name:
             raise ValueError(f"--set {item!r}: expected PART.KEY=VALUE with PART one of {', '.join(out)}")
         out[part][name] = value
-    if out["loras"]:
-        from lorafind_utils.tiny_world import LORA
-
-        for name, value in list(out["loras"].items()):
-            if name not in LORA:
-                raise ValueError(f"--set loras.{name}: unknown; known: {', '.join(sorted(LORA))}")
-            d = LORA[name]
-            out["loras"][name] = value.lower() in ("1", "true", "yes") if isinstance(d, bool) else type(d)(float(value))
+    defaults = {"codec": tw.CODEC, "denoiser": tw.DENOISER, "controlnet": tw.CONTROLNET, "loras": tw.LORA}
+    for part, values in out.items():
+        try:
+            tw._settings(defaults[part], values, None)
+        except ValueError as e:
+            raise ValueError(f"--set {part}: {e}") from None
     return out
 
 

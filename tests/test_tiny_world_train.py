@@ -108,7 +108,8 @@ def test_script_parses_overrides():
     mod = _script()
     o = mod.parse_overrides(["denoiser.steps=40000", "codec.batch_size=64", "loras.rank=16", "loras.locon=false"])
     assert o["denoiser"] == {"steps": "40000"} and o["codec"] == {"batch_size": "64"}
-    assert o["loras"] == {"rank": 16, "locon": False}
+    lora = tw._settings(tw.LORA, o["loras"], None)  # what train_loras makes of them
+    assert (lora["rank"], lora["locon"]) == (16, False) and type(lora["rank"]) is int
     for bad in (["steps=3"], ["preview.steps=3"], ["denoiser.steps"], ["loras.rnak=4"]):
         with pytest.raises(ValueError):
             mod.parse_overrides(bad)
