@@ -72,7 +72,7 @@ def test_a_lora_is_found_by_its_own_images_and_the_index_reloads_after_an_add(wo
                       progress=False, log=lambda *a: None)
     ix = StyleIndex.load(built["folder"])
     ids = layout.read_synth_manifest(synth)["sets"]["variety"][:3]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(layout.synth_image(synth, "variety", "disco", i)).convert("RGB")))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(layout.synth_image(synth, "variety", "disco", i)).convert("RGB")))
                      .permute(2, 0, 1) for i in ids])
     want = indexing.lora_vectors(built["encoder"], x, "prototype")
     assert float(ix.entry("disco").vector @ want) > 0.995 and ix.entry("disco").meta["n_images"] == 3
