@@ -65,7 +65,8 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
     prepared, _ = prepare_base_images(bases, int(p["resolution"]), int(p["canny_low"]), int(p["canny_high"]))
     n_img = int(p["images_per_lora"])
     queries = []
-    bar = tqdm(total=len(catalog) * (len(p["prompts"]) + n_img + 1), desc="query images", unit="img", disable=not progress)
+    total = len(catalog) * (len(p["prompts"]) + n_img) + len(styles) * len(photos)
+    bar = tqdm(total=total, desc="query images", unit="img", disable=not progress)
     for k, e in enumerate(catalog):
         load_lora(pipe, e["path"], e["slug"], weight=1.0)
         try:
@@ -81,7 +82,7 @@ def make_queries(cfg: dict, p: dict, out_dir: str | Path, pipe=None, progress: b
                 bar.update()
             if e["slug"] in styles:
                 queries += _style_samples(e["slug"], styles[e["slug"]], photos, p["style_query_set"], out_dir)
-            bar.update()
+                bar.update(len(photos))
             for j in range(n_img):
                 x = prepared[(k * n_img + j) % len(prepared)]
                 rel = layout.query_rel(e["slug"], f"{p['query_set']}_{x.image.id}.png")

@@ -232,6 +232,26 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _cast(key: str, value, default):
+    """``value`` as the type of ``default``: "false" for a bool, "40000" or "4e4" for an int, "5e-4" for a float."""
+    if isinstance(default, bool):
+        if not isinstance(value, str):
+            return bool(value)
+        if value.lower() not in _BOOLS:
+            raise ValueError(f"setting {key!r}: expected one of {', '.join(_BOOLS)}, got {value!r}")
+        return _BOOLS[value.lower()]
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {key!r}: expected a number, got {value!r}") from None
+    if isinstance(default, int) and not f.is_integer():
+        raise ValueError(f"setting {key!r}: expected a whole number, got {value!r}")
+    return type(default)(f)
+
+
 def _settings(defaults: dict, overrides: dict | None, steps: int | None) -> dict:
     """A part's settings: its defaults, then ``overrides`` (known keys only, cast to the default's type;
     strings as a command line gives them: "40000", "5e-4", "false"), then ``steps`` when given."""
@@ -239,12 +259,7 @@ def _settings(defaults: dict, overrides: dict | None, steps: int | None) -> dict
     for k, v in (overrides or {}).items():
         if k not in defaults:
             raise ValueError(f"unknown setting {k!r}; known: {', '.join(sorted(defaults))}")
-        d = defaults[k]
-        if isinstance(v, str) and isinstance(d, bool):
-            v = v.lower() in ("1", "true", "yes")
-        elif isinstance(v, str) and isinstance(d, int):
-            v = float(v)
-        p[k] = type(d)(v)
+        p[k] = _cast(k, v, defaults[k])
     if steps is not None:
         p["steps"] = int(steps)
     return p

@@ -107,14 +107,14 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     against the part's settings (``tiny_world._settings``) before anything trains."""
     from lorafind_utils import tiny_world as tw
 
-    out: dict[str, dict] = {p: {} for p in PARTS[:4]}
+    defaults = {"codec": tw.CODEC, "denoiser": tw.DENOISER, "controlnet": tw.CONTROLNET, "loras": tw.LORA}
+    out: dict[str, dict] = {part: {} for part in defaults}
     for item in items:
         key, sep, value = item.partition("=")
         part, dot, name = key.partition(".")
         if not sep or not dot or part not in out or not name:
             raise ValueError(f"--set {item!r}: expected PART.KEY=VALUE with PART one of {', '.join(out)}")
         out[part][name] = value
-    defaults = {"codec": tw.CODEC, "denoiser": tw.DENOISER, "controlnet": tw.CONTROLNET, "loras": tw.LORA}
     for part, values in out.items():
         try:
             tw._settings(defaults[part], values, None)

@@ -95,6 +95,13 @@ def test_unknown_setting_is_refused():
         tw._settings(tw.CODEC, {"batchsize": 8}, None)
     p = tw._settings(tw.DENOISER, {"batch_size": "256", "lr": "5e-4"}, 10)
     assert p["batch_size"] == 256 and p["lr"] == 5e-4 and p["steps"] == 10
+    assert tw._settings(tw.DENOISER, {"steps": "4e4"}, None)["steps"] == 40000
+    with pytest.raises(ValueError, match="'batch_size': expected a whole number, got '1.5'"):
+        tw._settings(tw.CODEC, {"batch_size": "1.5"}, None)
+    with pytest.raises(ValueError, match="'locon': expected one of .*, got 'flase'"):
+        tw._settings(tw.LORA, {"locon": "flase"}, None)
+    with pytest.raises(ValueError, match="'lr': expected a number, got 'fast'"):
+        tw._settings(tw.CODEC, {"lr": "fast"}, None)
 
 
 def _script():
