@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-PROFILES = ("tiny", "paper")
+PROFILES = ("tiny", "paper", "standin")
 
 
 def project_root() -> Path:

@@ -20,7 +20,7 @@ from .download import TOKEN_ENV
 from .config import load_catalog, resolve, stage_params
 from .download import (DiskFullError, FetchError, HashMismatchError, SilentTqdm, download, quarantine,
                        raise_failures, read_json_object, sha256_file)
-from .files import write_json_atomic
+from .files import run_lock, write_json_atomic
 
 
 #: what ``fetch`` can download, in the order it does it.
@@ -131,8 +131,11 @@ def _fetch_one_lora(e: dict, slug: str, path: Path, hashes: dict[str, str], lock
         raise
     _check_lora(res.path, slug)
     if not e.get("sha256") and slug not in hashes:
-        hashes[slug] = res.sha256
-        write_json_atomic(hashes, lock_path, sort_keys=True)
+        with run_lock(lock_path, "recording a LoRA's hash", wait=60.0):  # read + write under one lock:
+            recorded = _load_hashes(lock_path)  # a concurrent fetch's hashes stay
+            recorded.setdefault(slug, res.sha256)
+            write_json_atomic(recorded, lock_path, sort_keys=True)
+        hashes.update(recorded)
     status = "present" if res.skipped else ("resumed" if res.resumed else "downloaded")
     return {"slug": slug, "path": str(res.path), "sha256": res.sha256, "bytes": res.bytes, "status": status}
 

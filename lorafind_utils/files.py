@@ -60,15 +60,19 @@ class RunLocked(RuntimeError):
 
 
 @contextmanager
-def run_lock(folder: str | Path, what: str = "this run"):
-    """Hold an exclusive lock on a run folder while writing it (``fcntl.flock`` on ``.<name>.run.lock``
-    beside the folder, so that it survives the folder being swapped, see :func:`staged_dir`).
+def run_lock(folder: str | Path, what: str = "this run", wait: float = 0.0):
+    """Hold an exclusive lock on a run folder (or a file) while writing it (``fcntl.flock`` on
+    ``.<name>.run.lock`` beside it, so that it survives the folder being swapped, see :func:`staged_dir`).
 
-    A second writer (another ``lorafind`` command, a notebook) is refused at once with a message
-    naming the holder (pid, host, command, start time), instead of mixing its files with the
-    first one's. The lock goes with the process: a killed holder leaves no stale lock.
+    A second writer (another ``lorafind`` command, a notebook) waits up to ``wait`` seconds for its
+    turn (default: not at all), then is refused with a message naming the holder (pid, host,
+    command, start time), instead of mixing its files with the first one's. The lock goes with the
+    process: a killed holder leaves no stale lock.
 
-    :raises RunLocked: the folder is being written by another process.
+    A read-modify-write of a shared file must *read* under this lock too, else a second writer
+    saves its stale copy over the first one's change.
+
+    :raises RunLocked: the folder is being written by another process (still, after ``wait`` seconds).
     """
     import fcntl
 
@@ -77,13 +81,20 @@ def run_lock(folder: str | Path, what: str = "this run"):
     lock = folder.with_name(f".{folder.name}.run.lock")
     f = open(lock, "a+")
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RunLocked(f"{folder} is being written by {holder}; wait for it to finish "
-                            f"(or stop it) before running {what} again") from None
+        deadline = time.monotonic() + max(0.0, float(wait))
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                waited = f" (waited {wait:g} s)" if wait else ""
+                raise RunLocked(f"{folder} is being written by {holder}{waited}; wait for it to finish "
+                                f"(or stop it) before running {what} again") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])[:120]}), "

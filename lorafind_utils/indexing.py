@@ -18,6 +18,7 @@ their LoRA (leave-one-LoRA-out: a style the catalog does not have). The threshol
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,11 +260,17 @@ class IndexRanker:
 
     @property
     def index(self) -> StyleIndex:
-        stamp = (self.folder / "index.json").stat().st_mtime_ns if (self.folder / "index.json").exists() else None
+        """The index for reading (cached; re-read when index.json changes). Never modify and save
+        it: a writer starts from :meth:`read_fresh` under :func:`index_lock`."""
+        stamp = _stamp(self.folder / "index.json")
         if self._index is None or stamp != self._stamp:
-            self._index = StyleIndex.load(self.folder, expect_encoder=self.encoder.describe(), profile=self.cfg["name"])
+            self._index = self.read_fresh()
             self._stamp = stamp
         return self._index
+
+    def read_fresh(self) -> StyleIndex:
+        """The index as it is on disk now (a new object, not the cached copy)."""
+        return StyleIndex.load(self.folder, expect_encoder=self.encoder.describe(), profile=self.cfg["name"])
 
     @property
     def slugs(self) -> list[str]:
@@ -300,6 +307,15 @@ class IndexRanker:
         return out
 
 
+def _stamp(path: Path):
+    """What changes whenever a save replaces ``path`` (each save writes a new file: a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size
+
+
 def _load_trained_for(cfg: dict, p: dict):
     from .models import profile_device
     from .style_encoder import load_trained
@@ -309,9 +325,33 @@ def _load_trained_for(cfg: dict, p: dict):
 
 # --- building, adding, removing -----------------------------------------------------------------
 
+INDEX_WAIT_S = 120.0
+"""How long an ``index add``/``remove``/``build`` waits for another one writing the same index before
+it is refused (with a message naming the holder)."""
+
+
+@contextmanager
+def index_lock(folder: str | Path, what: str = "the index"):
+    """The lock every writer of an index folder holds from its *read* to its save (a read before
+    it would let a second writer save a stale copy over the first one's change): the project's
+    :func:`~lorafind_utils.files.run_lock`, waiting up to :data:`INDEX_WAIT_S` for its turn."""
+    from .files import run_lock
+
+    with run_lock(folder, what, wait=INDEX_WAIT_S):
+        yield
+
+
 def build(cfg: dict, progress: bool = True, log=print) -> dict:
-    """Build the profile's index (encoder + variant of stage 08's parameters), calibrated, saved."""
+    """Build the profile's index (encoder + variant of stage 08's parameters), calibrated, saved.
+
+    Holds :func:`index_lock` throughout: an ``index add`` started meanwhile waits and lands on the
+    new index (or is refused naming the build), never on the old one just before it is replaced."""
     p = _p(cfg)
+    with index_lock(layout.index_dir(cfg, p["encoder"], p["variant"]), "index build"):
+        return _build(cfg, p, progress, log)
+
+
+def _build(cfg: dict, p: dict, progress: bool, log) -> dict:
     sd = load_style_data(cfg)
     enc = make_encoder(cfg, p["encoder"], sd, seed=p["seeds"][0], progress=progress)
     index = build_index(enc, sd, p["variant"], load_catalog(cfg))
@@ -325,8 +365,15 @@ def build(cfg: dict, progress: bool = True, log=print) -> dict:
 
 
 def _open(cfg: dict):
+    """A ranker and a first look at its index (to fail early); writers re-read under :func:`index_lock`."""
     r = IndexRanker.from_profile(cfg)
     return r, r.index
+
+
+def _exists_error(slug: str, folder: Path):
+    from .style_index import IndexEntryExists
+
+    return IndexEntryExists(f"'{slug}' is already in the index {folder}; pass --replace to replace it")
 
 
 def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str | None = None,
@@ -340,7 +387,6 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
     import torch
 
     from .config import SLUG
-    from .files import run_lock
     from .images import read_base_set
     from .loras import check_lora_against_model, inspect_lora, load_lora
     from .models import base_skeletons, cached_pipeline
@@ -356,34 +402,35 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
     check_lora_against_model(info, *base_skeletons(cfg))  # the same checks and messages as `lora check`
     ranker, index = (ranker, ranker.index) if ranker is not None else _open(cfg)
     if slug in index and not replace:
-        from .style_index import IndexEntryExists
-
-        raise IndexEntryExists(f"'{slug}' is already in the index {ranker.folder}; pass --replace to replace it")
+        raise _exists_error(slug, ranker.folder)  # early; checked again under the lock
     n = int(n_images or p["add_images"])
     bases = read_base_set(layout.base_set_dir(cfg, _p02(cfg)["train_set"]))[:n]
     prepared, _ = prepare_base_images(bases, int(p01["resolution"]), int(p01["canny_low"]), int(p01["canny_high"]))
     items = [(x, None, item_seed(int(p01["seed"]), slug, x.image.id)) for x in prepared]
-    with run_lock(ranker.folder, "the index"):
-        pipe = cached_pipeline(cfg, p01["dtype"])
-        load_lora(pipe, file, "lorafind_add", weight=1.0)
-        ims = []
-        try:
-            for chunk in batches(items, p01["batch_size"]):
-                ims += restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], p01)
-        finally:
-            pipe.unload_lora_weights()
-        t_restyle = time.perf_counter() - t0
-        enc = ranker.encoder
-        x = torch.stack([torch.from_numpy(np.asarray(im.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
-                         for im in ims])
-        base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
-                              for b in prepared]) if index.variant == "content_cancelled" else None
-        vec = lora_vectors(enc, x, index.variant, base_x)
-        import hashlib
+    pipe = cached_pipeline(cfg, p01["dtype"])
+    load_lora(pipe, file, "lorafind_add", weight=1.0)
+    ims = []
+    try:
+        for chunk in batches(items, p01["batch_size"]):
+            ims += restyle(pipe, [t[0] for t in chunk], [t[2] for t in chunk], p01)
+    finally:
+        pipe.unload_lora_weights()
+    t_restyle = time.perf_counter() - t0
+    enc = ranker.encoder
+    x = torch.stack([torch.from_numpy(np.asarray(im.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
+                     for im in ims])
+    base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
+                          for b in prepared]) if index.variant == "content_cancelled" else None
+    vec = lora_vectors(enc, x, index.variant, base_x)
+    import hashlib
 
-        index.add(slug, vec, {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
-                              "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "layout": info.layout},
-                  replace=replace)
+    meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
+            "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "layout": info.layout}
+    with index_lock(ranker.folder):  # read, add, save: all under the lock (another add may have landed)
+        index = ranker.read_fresh()
+        if slug in index and not replace:
+            raise _exists_error(slug, ranker.folder)
+        index.add(slug, vec, meta, replace=replace)
         index.save(ranker.folder)
     secs = time.perf_counter() - t0
     log(f"added {slug} ({info.layout}, {len(ims)} restyled images) to {ranker.folder} in {secs:.1f} s "
@@ -396,7 +443,6 @@ def add_thumbnails(cfg: dict, folder: str | Path, name: str, replace: bool = Fal
 
     Content-cancelled indexes measure previews from the photo centroid, as they measure queries."""
     from .config import SLUG
-    from .files import run_lock
     from .images import IMAGE_SUFFIXES
 
     if not SLUG.fullmatch(name or ""):
@@ -405,13 +451,18 @@ def add_thumbnails(cfg: dict, folder: str | Path, name: str, replace: bool = Fal
     if not files:
         raise FileNotFoundError(f"{folder}: no preview images")
     ranker, index = _open(cfg)
-    z, errors = ranker.encoder.embed_files(files)
+    if name in index and not replace:
+        raise _exists_error(name, ranker.folder)  # early; checked again under the lock
+    z_raw, errors = ranker.encoder.embed_files(files)
     bad = [str(e) for e in errors if e is not None]
-    if not len(z):
+    if not len(z_raw):
         raise ValueError(f"{folder}: no readable preview images ({'; '.join(bad)})")
-    z = queries_as(z, index.variant, _centroid(index))
-    v = z.mean(0)
-    with run_lock(ranker.folder, "the index"):
+    with index_lock(ranker.folder):  # read, add, save: all under the lock (another add may have landed)
+        index = ranker.read_fresh()
+        if name in index and not replace:
+            raise _exists_error(name, ranker.folder)
+        z = queries_as(z_raw, index.variant, _centroid(index))
+        v = z.mean(0)
         index.add(name, v / (np.linalg.norm(v) + 1e-12), {"short": name, "file": "", "source": "thumbnails",
                                                             "n_images": int(len(z))}, replace=replace)
         index.save(ranker.folder)
@@ -420,10 +471,9 @@ def add_thumbnails(cfg: dict, folder: str | Path, name: str, replace: bool = Fal
 
 
 def remove(cfg: dict, name: str, log=print) -> dict:
-    from .files import run_lock
-
-    ranker, index = _open(cfg)
-    with run_lock(ranker.folder, "the index"):
+    ranker = IndexRanker.from_profile(cfg)
+    with index_lock(ranker.folder):  # read, remove, save: all under the lock
+        index = ranker.read_fresh()
         index.remove(name)
         index.save(ranker.folder)
     log(f"removed {name}; {len(index)} LoRAs left in {ranker.folder}")
@@ -464,7 +514,13 @@ def _fmt(m: float, sd: float) -> str:
 def run_stage(cfg: dict, p: dict, progress: bool = True, log=print) -> dict:
     """Stage 08: encoders × entry variants against the classifier on Table 3's queries; leave-LoRAs-out;
     the cost of adding a LoRA; "none of these" on styles no LoRA paints; thumbnail-only entries;
-    query latency. Builds and saves the profile's index. Returns every table (also written)."""
+    query latency. Builds and saves the profile's index (under :func:`index_lock`, as :func:`build`).
+    Returns every table (also written)."""
+    with index_lock(layout.index_dir(cfg, p["encoder"], p["variant"]), "stage 08 (index)"):
+        return _run_stage(cfg, p, progress, log)
+
+
+def _run_stage(cfg: dict, p: dict, progress: bool, log) -> dict:
     from .files import write_json_atomic
 
     catalog = load_catalog(cfg)

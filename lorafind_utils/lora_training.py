@@ -43,6 +43,48 @@ class StyleImage:
     file: str
     caption: str
     image: Image.Image
+    #: the photo this style image was made from (paired training, ``objective="bridge"``); None otherwise
+    source: Image.Image | None = None
+
+
+#: LoRA training objectives: ``standard`` (epsilon prediction on the style images, as diffusers' and kohya's
+#: trainers; stage 07's) and ``bridge`` (paired restyling adapter: photo -> style image at img2img strength s)
+OBJECTIVES = ("standard", "bridge")
+
+
+def bridge_start(base: str, strength: float, steps: int) -> int:
+    """The timestep stage 01's img2img starts from at ``strength`` with ``steps`` inference steps: the first of the
+    pipeline scheduler's (UniPC, from the base's own scheduler config) timesteps that img2img keeps."""
+    import diffusers
+
+    from .models import SCHEDULER, check_denoising_steps
+
+    n = check_denoising_steps(steps, strength, "bridge")
+    sch = getattr(diffusers, SCHEDULER).from_pretrained(base, subfolder="scheduler")
+    sch.set_timesteps(int(steps))
+    return int(sch.timesteps[int(steps) - n])
+
+
+def bridge_targets(sched, z_photo: torch.Tensor, z_style: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   t_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired ("bridge") objective's noisy latent and target for timesteps ``t <= t_start``.
+
+    With ``c = sqrt(abar_s / (1 - abar_s))`` at the start timestep s, ``eps_eff = eps + c (z_photo - z_style)`` and
+    ``z_t = sqrt(abar_t) z_style + sqrt(1 - abar_t) eps_eff``: at ``t = s`` this is exactly img2img's start
+    ``sqrt(abar_s) z_photo + sqrt(1 - abar_s) eps``, and a solver whose predictions are ``eps_eff`` lands on
+    ``z_style``. :return: (z_t, eps_eff)."""
+    abar = sched.alphas_cumprod.to(z_photo.device, torch.float32)
+    a_s = abar[int(t_start)]
+    c = torch.sqrt(a_s / (1 - a_s))
+    eps_eff = noise + c * (z_photo - z_style)
+    return sched.add_noise(z_style, eps_eff, t), eps_eff
+
+
+def x0_weights(sched, t: torch.Tensor, t_start: int) -> torch.Tensor:
+    """Epsilon-loss weights that measure the error in x0 space, ``(1 - abar_t) / abar_t``, scaled to 1 at ``t_start``."""
+    abar = sched.alphas_cumprod.to(t.device, torch.float32)
+    w = (1 - abar[t]) / abar[t]
+    return w / ((1 - abar[int(t_start)]) / abar[int(t_start)])
 
 
 def read_style_set(folder: str | Path, template: str = "", style: str = "", resolution: int = 64,
@@ -147,8 +189,16 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
                steps: int = 200, lr: float = 1e-4, batch_size: int = 4, seed: int = 0, checkpoint_every: int = 50,
                device: str = "cpu", progress: bool = True, stop_after: int | None = None,
                target_modules: list[str] | None = None, max_timestep: int | None = None,
-               min_timestep: int | None = None, snr_gamma: float | None = None) -> dict:
+               min_timestep: int | None = None, snr_gamma: float | None = None, objective: str = "standard",
+               controlnet: str | None = None, strength: float = 0.5, infer_steps: int = 10,
+               canny: tuple[int, int] = (100, 200)) -> dict:
     """Train one LoRA; resumes from ``out_dir/checkpoint`` if a previous run stopped.
+
+    :param objective: ``standard`` (default; stage 07's): epsilon prediction on the style images.
+        ``bridge``: a paired restyling adapter; every item carries its ``source`` photo, and the LoRA learns to
+        carry stage 01's img2img start from that photo (``strength``, ``infer_steps``) to the style image
+        (:func:`bridge_targets`; timesteps ``t <= t_start``, loss in x0 space, :func:`x0_weights`), with the
+        frozen ``controlnet`` (a folder; optional) fed the photo's Canny edges as stage 01 feeds them.
 
     :param target_modules: UNet module names the LoRA adapts (PEFT ``target_modules``); default the
         attention projections (:data:`TARGET_MODULES`); :data:`LOCON_MODULES` adds the resnet convs.
@@ -167,11 +217,26 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown LoRA objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    bridge = objective == "bridge"
+    if bridge and any(it.source is None for it in train_items):
+        missing = next(it.file for it in train_items if it.source is None)
+        raise StyleDataError(f"objective 'bridge' trains on (photo, style image) pairs; {missing} has no source photo")
     rank = check_ranks([rank])[0]
     alpha = float(alpha if alpha is not None else rank)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vae, te, tok, unet, sched = load_training_models(base, device)
+    cn = None
+    if bridge:
+        if sched.config.prediction_type != "epsilon":
+            raise ValueError(f"objective 'bridge' needs an epsilon-prediction base, not {sched.config.prediction_type!r}")
+        t_bridge = bridge_start(base, strength, infer_steps)
+        if controlnet:
+            from diffusers import ControlNetModel
+
+            cn = ControlNetModel.from_pretrained(controlnet).to(device).eval().requires_grad_(False)
     torch.manual_seed(seed)
     targets = list(target_modules or TARGET_MODULES)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
@@ -198,6 +263,12 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         ids = tok([it.caption for it in train_items], padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids.to(device)
         text = te(ids)[0]
+        if bridge:
+            src = torch.from_numpy(np.stack([np.asarray(square_resize(it.source.convert("RGB"), train_items[0].image.size[0]))
+                                             for it in train_items])).permute(0, 3, 1, 2)
+            photo_lat = torch.cat([vae.encode(src[i : i + 8].float().div(127.5).sub(1).to(device)).latent_dist.mean
+                                   * vae.config.scaling_factor for i in range(0, len(src), 8)])
+            cond = _canny_maps(src, canny).to(device)
 
     import hashlib
 
@@ -215,6 +286,12 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         raise ValueError(f"min_timestep must be in 0..{t_max - 1} (below max_timestep), got {min_timestep}")
     if min_timestep is not None:
         run_sig["min_timestep"] = t_min
+    if bridge:  # (absent for the standard objective, so earlier checkpoints still resume)
+        src_sig = hashlib.sha256(b"".join(np.asarray(it.source.convert("RGB")).tobytes() for it in train_items)).hexdigest()[:16]
+        run_sig.update(objective="bridge", strength=float(strength), infer_steps=int(infer_steps), t_start=t_bridge,
+                       controlnet=str(controlnet or ""), canny=list(canny), sources=src_sig)
+        if max_timestep is None:
+            t_max = t_bridge + 1
     if snr_gamma is not None:
         if not float(snr_gamma) > 0:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
@@ -264,20 +341,11 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
         noise = torch.randn(latents_mean[idx].shape, generator=g).to(device)
         lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g).to(device)
         t = torch.randint(t_min, t_max, (len(idx),), generator=g).to(device)
-        noisy = sched.add_noise(lat, noise, t)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            pred = unet(noisy, t, text[idx]).sample
-        if sched.config.prediction_type == "epsilon":
-            target = noise
-        elif sched.config.prediction_type == "v_prediction":  # e.g. SD 2.1 (768)
-            target = sched.get_velocity(lat, noise, t)
+        if bridge:
+            loss = _bridge_loss(unet, cn, sched, photo_lat[idx], latents_mean[idx], noise, t, t_bridge, text[idx],
+                                cond[idx] if cn is not None else None, amp)
         else:
-            raise ValueError(f"unsupported prediction type '{sched.config.prediction_type}'")
-        if snr_gamma is None:
-            loss = F.mse_loss(pred.float(), target.float())
-        else:
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_sample * min_snr_weights(sched, t, snr_gamma)).mean()
+            loss = _standard_loss(unet, sched, lat, noise, t, text[idx], snr_gamma, amp)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -298,9 +366,51 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
     files = save_lora_layouts(lora_sd, out_dir, alpha, unet.peft_config["default"].to_dict())
     meta = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
             "train_images": [it.file for it in train_items], "base": str(base), "train_seconds": seconds,
-            "steps_per_s": steps / seconds if seconds else float("nan")}
+            "steps_per_s": steps / seconds if seconds else float("nan"), "objective": objective}
+    if bridge:
+        meta.update(strength=float(strength), infer_steps=int(infer_steps), t_start=t_bridge, controlnet=str(controlnet or ""))
     write_json_atomic({**meta, "history": history}, layout.lora_training_record(out_dir))
     return {"history": history, **files, **meta}
+
+
+def _standard_loss(unet, sched, lat, noise, t, text, snr_gamma: float | None, amp: bool) -> torch.Tensor:
+    """Epsilon (or v) prediction MSE on noised style latents, optionally Min-SNR-gamma weighted."""
+    noisy = sched.add_noise(lat, noise, t)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        pred = unet(noisy, t, text).sample
+    if sched.config.prediction_type == "epsilon":
+        target = noise
+    elif sched.config.prediction_type == "v_prediction":  # e.g. SD 2.1 (768)
+        target = sched.get_velocity(lat, noise, t)
+    else:
+        raise ValueError(f"unsupported prediction type '{sched.config.prediction_type}'")
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(sched, t, snr_gamma)).mean()
+
+
+def _bridge_loss(unet, cn, sched, z_photo, z_style, noise, t, t_start: int, text, cond, amp: bool) -> torch.Tensor:
+    """The paired objective (:func:`bridge_targets`), the frozen ControlNet (if any) fed the photo's edges,
+    the epsilon error weighted to x0 space (:func:`x0_weights`)."""
+    noisy, target = bridge_targets(sched, z_photo, z_style, noise, t, t_start)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        extra = {}
+        if cn is not None:
+            down, mid = cn(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        pred = unet(noisy, t, text, **extra).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * x0_weights(sched, t, t_start)).mean()
+
+
+def _canny_maps(src_u8: torch.Tensor, thresholds: tuple[int, int]) -> torch.Tensor:
+    """Canny edges of uint8 N x 3 x H x W photos as the ControlNet pipeline feeds them: N x 3 x H x W floats 0..1."""
+    import cv2
+
+    maps = [cv2.Canny(cv2.cvtColor(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2GRAY),
+                      int(thresholds[0]), int(thresholds[1])) > 0 for x in src_u8]
+    return torch.from_numpy(np.stack(maps)).float()[:, None].repeat(1, 3, 1, 1)
 
 
 def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float, adapter_config: dict | None = None) -> dict:
@@ -329,26 +439,39 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
     stages 01-06 can synthesize with them and retrieve them (``catalog:`` + the same ``lora_dir:``).
 
     Each trained kohya file is copied into ``lora_dir`` as ``<slug>.safetensors`` (a catalog names
-    files inside its ``lora_dir`` only), with its SHA-256 in the entry."""
+    files inside its ``lora_dir`` only), with its SHA-256 in the entry.
+
+    LoRAs an earlier (or a concurrent) ``register`` put in the same catalog are kept: the catalog is
+    read, merged (by slug; ``trained`` replaces) and written under one
+    :func:`~lorafind_utils.files.run_lock`, so two registers into one catalog both land (the second
+    waits its turn, up to 120 s, then is refused naming the first)."""
     import hashlib
     import shutil
 
     import yaml
 
+    from .files import run_lock
+
     lora_dir = Path(lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
-    entries = [{k: v for k, v in e.items() if k != "path"} for e in base_catalog]
-    for t in trained:
-        dest = lora_dir / f"{t['slug']}.safetensors"
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(t["kohya"], tmp)
-        entries.append({"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]), "file": dest.name,
-                        "base_model": t.get("base_model", ""), "trigger_words": t.get("trigger_words", []),
-                        "sha256": hashlib.sha256(dest.read_bytes()).hexdigest()})
     path = Path(catalog_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump({"loras": entries}, sort_keys=False))
+    with run_lock(path, "stage 07's register into this catalog", wait=120.0):
+        by_slug = {e["slug"]: {k: v for k, v in e.items() if k != "path"} for e in base_catalog}
+        if path.exists():  # read under the lock: what an earlier register added stays
+            for e in (yaml.safe_load(path.read_text()) or {}).get("loras") or []:
+                by_slug.setdefault(e["slug"], e)
+        for t in trained:
+            dest = lora_dir / f"{t['slug']}.safetensors"
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(t["kohya"], tmp)
+            by_slug.pop(t["slug"], None)  # replaced: the new entry goes last
+            by_slug[t["slug"]] = {"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]),
+                                  "file": dest.name, "base_model": t.get("base_model", ""),
+                                  "trigger_words": t.get("trigger_words", []),
+                                  "sha256": hashlib.sha256(dest.read_bytes()).hexdigest()}
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump({"loras": list(by_slug.values())}, sort_keys=False))
     return path
 
 

@@ -56,22 +56,28 @@ def profile_device(cfg: dict) -> str:
 
 
 def prepare_models(cfg: dict) -> tuple[str, str]:
-    """Where the base pipeline and ControlNet load from (building the tiny ones on first use)."""
+    """Where the base pipeline and ControlNet load from: ``standin`` builds the seeded stand-ins on first use,
+    ``local`` loads folders shipped in the repository (the trained tiny world), ``hub`` a hub id or its cache."""
     m = cfg["models"]
-    if m["kind"] == "tiny":
+    if m["kind"] == "standin":
         from .tiny_models import ensure_tiny_models
 
         b, c = ensure_tiny_models(resolve(m["base"]), resolve(m["controlnet"]), seed=int(m.get("seed", 0)))
         return str(b), str(c)
     # hub id or local folder: from_pretrained handles both (and the huggingface_hub cache).
     local = [resolve(x) for x in (m["base"], m["controlnet"])]
+    if m["kind"] == "local":
+        missing = [str(p) for p in local if not (p / ("model_index.json" if p == local[0] else "config.json")).exists()]
+        if missing:
+            raise FileNotFoundError(f"profile {cfg['name']!r}: no model in {missing[0]} (models.kind local: the folders "
+                                    "ship with the repository; for the tiny world, scripts/train_tiny_world.py rebuilds them)")
     return tuple(str(p) if p.exists() else x for p, x in zip(local, (m["base"], m["controlnet"])))  # type: ignore
 
 
 def prepare_loras(cfg: dict) -> list[dict]:
     """The catalog with files in place: tiny LoRAs are built; real ones must have been fetched."""
     catalog = load_catalog(cfg)
-    if cfg["models"]["kind"] == "tiny":
+    if cfg["models"]["kind"] == "standin":
         from .tiny_models import ensure_tiny_loras
 
         base, _ = prepare_models(cfg)

@@ -158,7 +158,7 @@ PROFILE_KEYS: dict[str, Param] = {
     "name": RUN, "description": STR, "device": Param("str", empty=False), "catalog": Param("str", empty=False),
     "lora_dir": Param("str", empty=False), "runs_dir": Param("str", empty=False), "figures_dir": Param("str", empty=False),
 }
-MODEL_KEYS: dict[str, Param] = {"kind": Param("str", choices=("tiny", "hub")), "base": Param("str", empty=False),
+MODEL_KEYS: dict[str, Param] = {"kind": Param("str", choices=("standin", "local", "hub")), "base": Param("str", empty=False),
                                 "controlnet": Param("str", empty=False)}
 OPTIONAL_MODEL_KEYS: dict[str, Param] = {"seed": SEED}
 

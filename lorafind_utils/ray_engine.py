@@ -77,7 +77,7 @@ def _absolute_cfg(cfg: dict) -> dict:
     m = cfg["models"]
     for role in ("base", "controlnet"):
         p = resolve(m[role])
-        if m.get("kind") == "tiny" or p.exists():
+        if m.get("kind") == "standin" or p.exists():
             m[role] = str(p)
     for key in ("lora_dir", "runs_dir"):
         if key in cfg:

@@ -52,6 +52,10 @@ deletes the old generation under it, the load starts again on the new one. The s
 index.faiss and vectors.npy stored in index.json catch anything else (a truncated, edited or
 copied-over file). Saves of one folder are serialised with an ``flock`` on
 ``.<name>.lock`` beside it (POSIX); readers take no lock.
+
+A save writes the whole index it holds: a load -> change -> save by two processes at once would
+lose the first one's change. Whoever changes a shared index holds one lock from the load to the
+save and loads under it (:func:`lorafind_utils.indexing.index_lock`); a long-lived reader never saves.
 """
 from __future__ import annotations
 

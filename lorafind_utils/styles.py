@@ -1,6 +1,6 @@
 """Named image styles as code: the tiny profile's 12 styles, one per catalog LoRA.
 
-Each LoRA of the tiny catalog (``data/loras/tiny.yaml``, named after the paper's Table 1) is
+Each LoRA of the tiny catalog (``data/tiny_world/catalog.yaml``, named after the paper's Table 1) is
 trained on photos passed through one of these styles, so "which LoRA paints like this image"
 has a checkable answer. Every style is a documented, deterministic image operation: a PIL RGB
 image in, a PIL RGB image of the same size out, byte-identical for the same input (any
@@ -93,6 +93,18 @@ def _saturate(a: np.ndarray, sat: float = 1.0, val: float = 1.0, val_add: float 
     hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
     hsv[..., 2] = np.clip(hsv[..., 2] * val + val_add, 0, 255)
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+
+def _per_colour(a: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` (a uint8 colour-to-colour transform such as :func:`_saturate`) applied once per distinct colour of ``a``.
+
+    OpenCV's SIMD and scalar paths may round the same colour differently at different pixels (and CPUs with and
+    without AVX-512 differ in which pixels take which path); mapping the palette keeps a palette a palette: every
+    pixel of one colour gets one result, so a style's colour count is the same on every CPU.
+    """
+    pal, inv = np.unique(a.reshape(-1, 3), axis=0, return_inverse=True)
+    out = fn(np.ascontiguousarray(pal[None]))[0]
+    return out[inv.reshape(-1)].reshape(a.shape)
 
 
 def _smooth(a: np.ndarray, passes: int, strength: float = 1.0) -> np.ndarray:
@@ -330,12 +342,13 @@ def pixel_art(image: Image.Image, cell: int | None = None, colours: int = 8) -> 
     Cells start at the top-left corner; the last row/column of cells may be cut off.
 
     :param image: RGB image.
-    :param cell: cell size in pixels; default about a sixteenth of the short side (at least 2).
+    :param cell: cell size in pixels; default an eighth of the short side (at least 2): 8-px cells at 64 px,
+        two latent cells of a 4x-down codec, coarse enough for the 64-px tiny world to paint.
     :param colours: palette size.
     """
     a = _rgb(image)
     h, w = a.shape[:2]
-    c = int(cell) if cell else max(2, round(_side(a) / 16))
+    c = int(cell) if cell else max(2, round(_side(a) / 8))
     gh, gw = -(-h // c), -(-w // c)
     # pad to whole cells (edge pixels repeated) so every cell is an average of real pixels
     pad = cv2.copyMakeBorder(a, 0, gh * c - h, 0, gw * c - w, cv2.BORDER_REPLICATE)
@@ -355,10 +368,11 @@ def pop_art_halftone(image: Image.Image, colours: int = 4) -> Image.Image:
     h, w = a.shape[:2]
     flat = _quantize(_smooth(a, passes=1), colours)
     # push the palette to loud, fully saturated inks (comic-book primaries)
-    strong = _saturate(flat, sat=2.5, val=1.1, val_add=20).astype(np.float32)
+    strong = _per_colour(flat, lambda p: _saturate(p, sat=2.5, val=1.1, val_add=20)).astype(np.float32)
     g = _grey(flat).astype(np.float32) / 255
-    # 45-degree dot screen; period about a 21st of the image, never under 4 px (smaller dots blur into a tint)
-    p = max(4.0, _side(a) / 21)
+    # 45-degree dot screen; period a tenth of the image, never under 6 px (6.4 px at 64 px: coarser than the
+    # tiny world's 4x-down latent cell, so a codec can carry the dots; smaller dots blur into a tint)
+    p = max(6.0, _side(a) / 10)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     u, v = (xx + yy) / np.sqrt(2), (xx - yy) / np.sqrt(2)
     du = (u / p) % 1 - 0.5
@@ -460,7 +474,7 @@ def _style(name: str, lora: str, short: str, fn: Callable) -> Style:
     return Style(name, lora, short, fn, (fn.__doc__ or "").strip().splitlines()[0])
 
 
-#: The 12 styles in catalog order (``data/loras/tiny.yaml``), keyed by style name.
+#: The 12 styles in catalog order (``data/tiny_world/catalog.yaml``), keyed by style name.
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (

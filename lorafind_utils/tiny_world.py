@@ -65,12 +65,12 @@ SD15_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, 
                   prediction_type="epsilon", steps_offset=1)
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION,
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION,
     block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     mid_block_add_attention=False,
 )
 UNET_CONFIG = dict(
-    sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+    sample_size=RESOLUTION // 4, in_channels=16, out_channels=16, layers_per_block=1, norm_num_groups=8,
     block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
 )
@@ -80,14 +80,17 @@ TEXT_CONFIG = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, h
                    num_attention_heads=4, num_hidden_layers=4, projection_dim=32, vocab_size=49408, max_position_embeddings=77)
 
 #: the parts' default training settings (the script can override steps)
-CODEC = dict(steps=1400, batch_size=16, lr=2e-3, styled_share=0.25, kl=1e-6, l1=0.5)
-DENOISER = dict(steps=1600, batch_size=32, lr=1e-3, ema=0.999, aug=6)
-CONTROLNET = dict(steps=800, batch_size=32, lr=5e-4, aug=6)
-#: LoRA recipe. snr_gamma 1 (Min-SNR weighting; 0 = plain MSE): with plain MSE the nearly-clean timesteps
-#: (the base's loss 0.55 at t=50 vs 0.008 at t=950) take the whole update and the LoRA never learns the
-#: style's colours; with it a 400-step sepia LoRA matches the true style's mean colour within 2 levels.
-#: min_timestep / max_timestep: kohya's window (0 = the scheduler's own bounds).
-LORA = dict(rank=8, alpha=32, steps=400, lr=3e-3, batch_size=16, locon=True, snr_gamma=1.0, min_timestep=0, max_timestep=0)
+CODEC = dict(steps=3000, batch_size=16, lr=2e-3, styled_share=0.25, kl=1e-6, l1=0.5)
+#: denoiser: snr_gamma = Min-SNR-gamma loss weighting (diffusers' compute_snr; 0 = plain epsilon MSE)
+DENOISER = dict(steps=7000, batch_size=32, lr=1e-3, ema=0.999, aug=6, snr_gamma=5.0)
+CONTROLNET = dict(steps=2000, batch_size=32, lr=5e-4, aug=6, snr_gamma=5.0)
+#: LoRA recipe: paired restyling adapters (``objective`` bridge, lora_training.train_lora): each LoRA learns to carry
+#: stage 01's img2img start from a lora_train photo (at STRENGTH, STEPS, the frozen ControlNet fed the photo's edges)
+#: to that photo in its style. Same rank/steps/lr, unpaired LoRAs (objective standard, Min-SNR gamma ``snr_gamma``)
+#: were measured to restyle less (see data/tiny_world/record.json and the README's "tiny world").
+#: min_timestep / max_timestep: kohya's window (0 = the scheduler's own bounds; bridge: up to the start step).
+LORA = dict(rank=8, alpha=32, steps=400, lr=3e-3, batch_size=16, locon=True, snr_gamma=1.0, min_timestep=0, max_timestep=0,
+            objective="bridge", controlnet=True)
 #: steps between a part's checkpoints (a killed part resumes from the last one)
 CHECKPOINT_EVERY = 200
 
@@ -237,6 +240,13 @@ _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no"
 
 def _cast(key: str, value, default):
     """``value`` as the type of ``default``: "false" for a bool, "40000" or "4e4" for an int, "5e-4" for a float."""
+    if isinstance(default, str):
+        from .lora_training import OBJECTIVES
+
+        choices = {"objective": OBJECTIVES}.get(key)
+        if choices and value not in choices:
+            raise ValueError(f"setting {key!r}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
     if isinstance(default, bool):
         if not isinstance(value, str):
             return bool(value)
@@ -263,14 +273,6 @@ def _settings(defaults: dict, overrides: dict | None, steps: int | None) -> dict
     if steps is not None:
         p["steps"] = int(steps)
     return p
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int = 100, floor: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to ``floor * lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def save_fp16(model, folder: Path) -> None:
@@ -332,43 +334,59 @@ class Checkpoint:
 
 def train_loop(name: str, folder: Path, signature: dict, modules: dict, params: list, steps: int, lr: float, seed: int,
                step_fn, checkpoint_every: int | None = None, progress: bool = True, ema: dict | None = None,
-               weight_decay: float = 1e-2, stop_after: int | None = None) -> dict:
-    """The shared resumable loop: ``step_fn(g) -> loss``; AdamW with warm-up + cosine; optional EMA.
+               weight_decay: float = 1e-2, stop_after: int | None = None, warmup: int = 100) -> dict:
+    """The shared resumable loop: ``step_fn(g) -> loss``; AdamW with diffusers' ``get_scheduler("cosine")``
+    (linear warm-up, cosine decay); optional EMA with diffusers' ``EMAModel``.
 
     :param modules: weights to checkpoint ({name: module}); ``ema`` = {"decay": d, "src": module, "dst": module}
-        keeps ``dst`` as the exponential moving average of ``src`` (also checkpointed via ``modules``).
+        keeps ``dst`` as the exponential moving average of ``src`` (EMAModel's warm-up decay
+        ``min(d, (1 + step) / (10 + step))``; copied into ``dst``, which is checkpointed via ``modules``).
     :return: {"history", "seconds", "steps"}.
     """
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
     checkpoint_every = checkpoint_every or CHECKPOINT_EVERY
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ck = Checkpoint(folder, signature)
     start, history, seconds = ck.load(modules, opt, g)
+    lr_sched = get_scheduler("cosine", opt, num_warmup_steps=min(warmup, steps // 10), num_training_steps=steps)
+    for _ in range(start):  # the schedule is a pure function of the step: replay it on resume
+        lr_sched.step()
+    averaged = None
+    if ema is not None:
+        averaged = EMAModel(ema["dst"].parameters(), decay=ema["decay"])
+        averaged.optimization_step = start
+
+    def save(step: int) -> None:
+        if averaged is not None:
+            averaged.copy_to(ema["dst"].parameters())
+        ck.save(step, modules, opt, g, history, seconds + time.perf_counter() - t0)
+
     bar = tqdm(range(start, steps), desc=name, unit="step", initial=start, total=steps, disable=not progress)
     t0 = time.perf_counter()
     done = 0
     for step in bar:
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, lr)
         loss = step_fn(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if ema is not None:
-            d = min(ema["decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, ps in zip(ema["dst"].parameters(), ema["src"].parameters()):
-                    pe.mul_(d).add_(ps.detach(), alpha=1 - d)
+        lr_sched.step()
+        if averaged is not None:
+            averaged.step(ema["src"].parameters())
         history.append(round(float(loss.detach()), 5))
         done += 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            ck.save(step + 1, modules, opt, g, history, seconds + time.perf_counter() - t0)
+            save(step + 1)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
+    if averaged is not None:
+        averaged.copy_to(ema["dst"].parameters())
     return {"history": history, "seconds": seconds + time.perf_counter() - t0, "steps": len(history)}
 
 
@@ -601,6 +619,18 @@ def encode_bank(vae, bank_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(means), torch.cat(stds)
 
 
+def snr_weighted_mse(pred: torch.Tensor, target: torch.Tensor, sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Epsilon MSE, each sample weighted by Min-SNR-gamma ``min(SNR(t), gamma) / SNR(t)`` (Hang et al. 2023, with
+    diffusers' ``compute_snr``); ``gamma`` 0 = plain MSE."""
+    if not gamma:
+        return F.mse_loss(pred, target)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t)
+    w = torch.clamp(snr, max=float(gamma)) / snr
+    return (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+
+
 def _noisy(sched, mean, std, idx, g):
     """Noised latents for rows ``idx`` of a latent bank; the randomness comes from the CPU generator ``g``
     (the same draws on every device), the tensors live where the bank lives."""
@@ -635,7 +665,8 @@ def train_denoiser(seed: int = 0, steps: int | None = None, progress: bool = Tru
     def step_fn(g):
         idx = torch.randint(0, len(mean), (bs,), generator=g)
         noisy, noise, t = _noisy(sched, mean, std, idx, g)
-        return F.mse_loss(unet(noisy, t, text.expand(bs, -1, -1)).sample, noise)
+        pred = unet(noisy, t, text.expand(bs, -1, -1)).sample
+        return snr_weighted_mse(pred, noise, sched, t, p["snr_gamma"])
 
     sig = {"part": "denoiser", "seed": seed, **p, "config": json.loads(json.dumps(UNET_CONFIG)), "n_bank": len(bank),
            "vae_sf": vae.config.scaling_factor}
@@ -719,7 +750,7 @@ def train_controlnet(seed: int = 0, steps: int | None = None, progress: bool = T
         tb = text.expand(bs, -1, -1)
         down, mid = cn(noisy, t, encoder_hidden_states=tb, controlnet_cond=cond[idx], return_dict=False)
         pred = unet(noisy, t, tb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        return F.mse_loss(pred, noise)
+        return snr_weighted_mse(pred, noise, sched, t, p["snr_gamma"])
 
     sig = {"part": "controlnet", "seed": seed, **p, "cond_channels": list(CN_COND_CHANNELS), "n_bank": len(bank),
            "base_unet": sha256(next((SD15_DIR / "unet").glob("*.safetensors")))}
@@ -742,15 +773,20 @@ def lora_items(slug: str):
 
     ids = [b.id for b in pool("lora_train")]
     ims = to_pil(to_unit(styled_bank(RUN_DIR)[slug]))
-    items = [StyleImage(f"{i}.png", "", im) for i, im in zip(ids, ims)]
-    items += [StyleImage(f"{i}_mirror.png", "", im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for i, im in zip(ids, ims)]
+    photos = lora_train_images()
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    items = [StyleImage(f"{i}.png", "", im, src) for i, im, src in zip(ids, ims, photos)]
+    items += [StyleImage(f"{i}_mirror.png", "", im.transpose(flip), src.transpose(flip)) for i, im, src in zip(ids, ims, photos)]
     return items
 
 
 def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = True, settings: dict | None = None,
-                device: str = "cpu", run_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+                device: str = "cpu", run_dir: Path | None = None, out_dir: Path | None = None,
+                strength: float | None = None) -> dict:
     """Train the style LoRAs (resumable, under ``run_dir``, default ``RUN_DIR/loras``) and write fp16 kohya files
-    to ``out_dir`` (default ``LORA_DIR``); ``settings`` overrides :data:`LORA`."""
+    to ``out_dir`` (default ``LORA_DIR``); ``settings`` overrides :data:`LORA`; ``strength`` (default
+    :data:`STRENGTH`) is the img2img strength a bridge LoRA is trained for."""
+    strength = STRENGTH if strength is None else float(strength)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -768,7 +804,9 @@ def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = 
                          steps=int(p["steps"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]), seed=seed * 1000 + k,
                          checkpoint_every=100, progress=progress, target_modules=LOCON_MODULES if p["locon"] else None,
                          max_timestep=p["max_timestep"] or None, min_timestep=p["min_timestep"] or None,
-                         snr_gamma=p["snr_gamma"] or None, device=device)
+                         snr_gamma=(p["snr_gamma"] or None) if p["objective"] == "standard" else None, device=device,
+                         objective=p["objective"], controlnet=str(CONTROLNET_DIR) if p["controlnet"] else None,
+                         strength=strength, infer_steps=STEPS, canny=CANNY)
         kohya = Path(res["kohya"])
         with safe_open(str(kohya), framework="pt") as f:
             meta = f.metadata() or {}
@@ -780,6 +818,7 @@ def train_loras(seed: int = 0, slugs: list[str] | None = None, progress: bool = 
         hist = [h["loss"] for h in res["history"]]
         out[st.lora] = {"style": st.name, "rank": int(p["rank"]), "alpha": float(p["alpha"]), "steps": int(p["steps"]),
                         "layout": "locon" if p["locon"] else "lora", "lr": float(p["lr"]), "batch_size": int(p["batch_size"]),
+                        "objective": p["objective"], "controlnet": bool(p["controlnet"]), "strength": strength,
                         "snr_gamma": p["snr_gamma"], "min_timestep": p["min_timestep"], "max_timestep": p["max_timestep"],
                         "train_seconds": res["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                         "loss_first50": float(np.mean(hist[:50])), "loss_last100": float(np.mean(hist[-100:])),
@@ -981,6 +1020,45 @@ def evaluate(seed: int = 0, strengths=(0.5, 0.6, 0.7, 0.8, 0.9), strength: float
     grid([[plain[c] for c in cols]] + rows[1:], ["no LoRA"] + labels[1:]).save(RUN_DIR / "preview_vs_plain.png")
     write_json_atomic(res, RUN_DIR / "evaluation.json")
     return res
+
+
+#: styles of the strength probe: two tonal (pencil, sepia), two textured (pixel art, pop art halftone), a wash
+PROBE_SLUGS = ("xsarchitecture", "xiaorensu", "pixel_art", "pop_art", "illustration")
+
+
+def strength_probe(seed: int = 0, strengths=(0.4, 0.6, 0.8), slugs=PROBE_SLUGS, steps: int = 300, progress: bool = True,
+                   device: str = "cpu") -> dict:
+    """Choose stage 01's strength by measurement: at each strength, bridge LoRAs for ``slugs`` (``steps`` each,
+    trained for that strength) restyle the held-out photos; per strength the plain img2img PSNR to the photo, each
+    LoRA's PSNR to the true style and the gain over plain img2img, the edge F1 to the control edges, and how often
+    an output's nearest true style (:func:`recognition`, among ``slugs``) is its own."""
+    pipe = load_world_pipeline(device=device)
+    ids, ims = heldout_images()
+    arr = [np.asarray(x) for x in ims]
+    edges = [canny(x) for x in ims]
+    truths_all = styled_images(ims)
+    truths = {s: truths_all[s] for s in slugs}
+    out: dict = {"steps": steps, "slugs": list(slugs), "n_heldout": len(ims), "per_strength": {}}
+    for st in strengths:
+        folder = RUN_DIR / "strength_probe" / f"s{st}"
+        train_loras(seed, slugs=list(slugs), progress=progress, settings={"steps": steps}, device=device,
+                    run_dir=folder / "train", out_dir=folder / "loras", strength=st)
+        plain = restyle_with(pipe, None, "none", ids, ims, st, seed=seed)
+        outs = {s: restyle_with(pipe, folder / "loras" / f"{s}.safetensors", s, ids, ims, st, seed=seed) for s in slugs}
+        rec = recognition(outs, truths, plain)
+        out["per_strength"][str(st)] = {
+            "plain_psnr_to_photo": psnr([np.asarray(o) for o in plain], arr),
+            "plain_edge_f1": float(np.mean([edge_f1(o, e) for o, e in zip(plain, edges)])),
+            "psnr_to_style": {s: psnr([np.asarray(o) for o in outs[s]], [np.asarray(t) for t in truths[s]]) for s in slugs},
+            "plain_psnr_to_style": {s: psnr([np.asarray(o) for o in plain], [np.asarray(t) for t in truths[s]]) for s in slugs},
+            "recognition": rec["per_style"], "recognition_mean": rec["mean"]}
+        r = out["per_strength"][str(st)]
+        r["gain_db_mean"] = float(np.mean([r["psnr_to_style"][s] - r["plain_psnr_to_style"][s] for s in slugs]))
+        cols = list(range(6))
+        grid([[ims[c] for c in cols], [plain[c] for c in cols]] + [[outs[s][c] for c in cols] for s in slugs],
+             ["photo", "no LoRA"] + list(slugs)).save(folder / "grid.png")
+    write_json_atomic(out, RUN_DIR / "strength_probe" / "result.json")
+    return out
 
 
 def shipped_files() -> list[Path]:

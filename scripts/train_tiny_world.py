@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("codec", "denoiser", "controlnet", "loras", "preview")
+PARTS = ("codec", "denoiser", "controlnet", "strength_probe", "loras", "preview")
 
 
 def main(argv=None) -> int:
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=PARTS, help="parts to run (default: all, finished ones are skipped)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slugs", nargs="+", help="loras: train only these LoRA slugs")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch threads (default 2: both cores of the 2-core machine it was trained on)")
     ap.add_argument("--device", default="cpu", help="torch device for training and evaluation (default cpu)")
     ap.add_argument("--set", nargs="+", default=[], metavar="PART.KEY=VALUE",
                     help="override a part's setting, e.g. codec.batch_size=64 denoiser.steps=40000 loras.rank=16")
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
             tw.train_denoiser(a.seed, progress=progress, device=a.device, settings=overrides["denoiser"])
         elif part == "controlnet" and not done("controlnet"):
             tw.train_controlnet(a.seed, progress=progress, device=a.device, settings=overrides["controlnet"])
+        elif part == "strength_probe" and not done("strength_probe"):
+            tw.strength_probe(a.seed, progress=progress, device=a.device)
         elif part == "loras":
             from lorafind_utils.styles import STYLES
 
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
         wall[part] = time.perf_counter() - t0
         print(f"{part}: {wall[part]:.0f} s this run", flush=True)
 
-    write_record(tw)
+    write_record(tw, a.threads)
     return 0
 
 
@@ -123,7 +127,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def write_record(tw) -> None:
+def write_record(tw, threads: int) -> None:
     """data/tiny_world/record.json: per part its steps, training time, final metrics; sha256 of every shipped file."""
     from lorafind_utils.files import write_json_atomic
     from lorafind_utils.styles import STYLES
@@ -135,8 +139,8 @@ def write_record(tw) -> None:
                  "base_model": tw.BASE_MODEL, "configs": {"vae": tw.VAE_CONFIG, "unet": tw.UNET_CONFIG,
                                                           "controlnet_conditioning_channels": tw.CN_COND_CHANNELS,
                                                           "text_encoder": tw.TEXT_CONFIG},
-                 "threads": 1}
-    for part in ("codec", "denoiser", "controlnet"):
+                 "threads": threads}
+    for part in ("codec", "denoiser", "controlnet", "strength_probe"):
         r = load(tw.RUN_DIR / part / "result.json")
         rec[part] = r
     rec["loras"] = {s.lora: load(tw.RUN_DIR / "loras" / s.lora / "result.json") for s in STYLES.values()}

@@ -24,7 +24,7 @@ def tiny_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_root):
-    return load_profile("tiny", tiny_overrides(tiny_root))
+    return load_profile("standin", tiny_overrides(tiny_root))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ N_VARIETY, N_FACES = 10, 8
 def synth_cfg(tmp_path_factory):
     """A stage-01-shaped output with small class-tinted images (no diffusion needed)."""
     root = tmp_path_factory.mktemp("ablate")
-    cfg = load_profile("tiny", {"runs_dir": str(root / "runs"), "figures_dir": str(root / "fig"),
+    cfg = load_profile("standin", {"runs_dir": str(root / "runs"), "figures_dir": str(root / "fig"),
                                 "stages": {"02_finetune": {"image_size": 32, "epochs": 1, "batch_size": 16}}})
     slugs = [e["slug"] for e in load_catalog(cfg)]
     synth = root / "runs" / "synth"

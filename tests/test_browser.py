@@ -53,7 +53,7 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path):
 
     # a trained classifier where stage 02 puts it (random weights: the ranking is still a ranking)
     runs = tmp_path / "runs"
-    cfg = load_profile("tiny", {"runs_dir": str(runs)})
+    cfg = load_profile("standin", {"runs_dir": str(runs)})
     slugs = [e["slug"] for e in load_catalog(cfg)]
     save_checkpoint(build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=9), slugs,
                     runs / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})

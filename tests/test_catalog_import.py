@@ -29,7 +29,7 @@ def params(stage_params):
 
 @pytest.fixture
 def cfg(tiny_root, tmp_path):
-    return load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "runs")})
+    return load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "runs")})
 
 
 @pytest.fixture

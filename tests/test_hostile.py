@@ -42,7 +42,7 @@ def _catalog_cfg(tmp_path, entry, **extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
     cat = tmp_path / "catalog.yaml"
     cat.write_text(yaml.safe_dump({"loras": [{**entry, **extra}]}))
-    return load_profile("tiny", {"catalog": str(cat), "lora_dir": str(tmp_path / "loras"),
+    return load_profile("standin", {"catalog": str(cat), "lora_dir": str(tmp_path / "loras"),
                                  "runs_dir": str(tmp_path / "runs")}), cat
 
 
@@ -205,7 +205,7 @@ def test_a_synthesis_killed_mid_batch_resumes_byte_identical(tiny_root, catalog,
     from lorafind_utils.synthesis import synthesize
 
     prof = tmp_path / "p.yaml"
-    prof.write_text(yaml.safe_dump(load_profile("tiny", tiny_overrides(tiny_root))))
+    prof.write_text(yaml.safe_dump(load_profile("standin", tiny_overrides(tiny_root))))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     r = subprocess.run([sys.executable, "-c", KILLER, str(prof), str(killed), "5"], capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
@@ -255,7 +255,7 @@ def test_a_truncated_image_is_made_again_not_trusted(tiny_cfg, catalog, stage_pa
 
 def _train_cfg(tmp_path):
     """A stage-01-shaped folder of small class-tinted images (no diffusion needed)."""
-    cfg = load_profile("tiny", {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig"),
+    cfg = load_profile("standin", {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig"),
                                 "stages": {"02_finetune": {"image_size": 32, "epochs": 1, "batch_size": 16,
                                                            "linear_probe": False}}})
     slugs = [e["slug"] for e in load_catalog(cfg)]
@@ -305,7 +305,7 @@ def test_an_interrupted_training_run_leaves_the_previous_run_whole(tmp_path, mon
 def trained(tmp_path):
     from lorafind_utils.classifier import build_model, save_checkpoint
 
-    cfg = load_profile("tiny", {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")})
+    cfg = load_profile("standin", {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")})
     slugs = [e["slug"] for e in load_catalog(cfg)]
     run = tmp_path / "runs" / "train" / "finetune_variety"
     save_checkpoint(build_model(len(slugs), hidden=16, weights="none", backbone="efficientnet_lite0"), slugs, run,

@@ -26,7 +26,7 @@ def world(tiny_root, catalog, tmp_path_factory):
     from lorafind_utils.synthesis import synthesize
 
     root = tmp_path_factory.mktemp("index")
-    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(root / "runs"), "figures_dir": str(root / "fig"),
+    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(root / "runs"), "figures_dir": str(root / "fig"),
                                 "stages": {**FAST, "01_synthesize": {"sets": ["variety"], "max_images": 6},
                                            "02_finetune": {"val_fraction": 0.34}}})
     from lorafind_utils.config import stage_params

@@ -74,7 +74,7 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     with_kohya = _gen(pipe)
     pipe.unload_lora_weights()
     assert np.abs(with_peft - base).mean() > 1e-3  # the LoRA changes the output
-    np.testing.assert_allclose(with_kohya, with_peft, atol=1e-5)  # the two layouts are the same LoRA (alpha 8, scale 2)
+    np.testing.assert_allclose(with_kohya, with_peft, atol=1e-4)  # the two layouts are the same LoRA (alpha 8, scale 2)
     cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}],
                         tiny_cfg["lora_dir"])
     from lorafind_utils.config import load_catalog
@@ -244,3 +244,52 @@ def test_clip_score_formula_against_hand_computed_embeddings():
 
     # cos = 1 and cos = -1/sqrt(2) (clamped to 0): mean of 100 and 0
     assert clip_score(_imgs(2, 3), ["a", "b"], FakeClip(), proc) == pytest.approx(50.0)
+
+
+def test_bridge_start_is_img2img_starting_point_and_x0_weights_are_one_there():
+    from diffusers import DDPMScheduler
+
+    from lorafind_utils.lora_training import bridge_targets, x0_weights
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(0)
+    zp, zy, eps = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    ts = 500
+    abar = sched.alphas_cumprod
+    zt, eps_eff = bridge_targets(sched, zp, zy, eps, torch.tensor([ts] * 3), ts)
+    # at the start step the bridge's noisy latent is exactly what img2img starts from: the PHOTO noised
+    torch.testing.assert_close(zt, abar[ts].sqrt() * zp + (1 - abar[ts]).sqrt() * eps, rtol=1e-5, atol=1e-5)
+    # and its target, followed to t = 0 (x0 = (z_t - sqrt(1 - abar) eps_eff) / sqrt(abar)), is the STYLE latent
+    torch.testing.assert_close((zt - (1 - abar[ts]).sqrt() * eps_eff) / abar[ts].sqrt(), zy, rtol=1e-4, atol=1e-4)
+    w = x0_weights(sched, torch.tensor([0, 250, ts]), ts)
+    assert w[-1] == pytest.approx(1.0) and w[0] < w[1] < w[2]
+
+
+def test_bridge_objective_needs_pairs_trains_resumes_and_is_part_of_the_run(tiny_cfg, catalog, style_set, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    train, _ = split_style_set(style_set, 0.25, 0)
+    base = tiny_cfg["models"]["base"]
+    kw = dict(rank=2, steps=4, lr=1e-3, batch_size=2, checkpoint_every=2, progress=False, seed=4, objective="bridge",
+              strength=0.5, infer_steps=10, controlnet=tiny_cfg["models"]["controlnet"])
+    with pytest.raises(StyleDataError, match="pairs; .* has no source photo"):
+        train_lora(base, train, tmp_path / "unpaired", **kw)
+    with pytest.raises(ValueError, match="unknown LoRA objective 'brige'"):
+        train_lora(base, train, tmp_path / "typo", **{**kw, "objective": "brige"})
+    pairs = [replace(it, source=it.image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)) for it in train]
+    full = train_lora(base, pairs, tmp_path / "full", **kw)
+    assert full["objective"] == "bridge" and 0 < full["t_start"] < 1000 and len(full["history"]) == 4
+    assert all(np.isfinite(h["loss"]) for h in full["history"])
+    train_lora(base, pairs, tmp_path / "resumed", stop_after=2, **kw)
+    resumed = train_lora(base, pairs, tmp_path / "resumed", **kw)
+    assert resumed["history"] == full["history"]
+    a, b = load_file(full["lora"]), load_file(resumed["lora"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    standard = train_lora(base, train, tmp_path / "standard", **{k: v for k, v in kw.items()
+                                                                   if k not in ("objective", "controlnet")})
+    assert standard["objective"] == "standard" and standard["history"] != full["history"]
+    train_lora(base, pairs, tmp_path / "s", stop_after=2, **kw)
+    with pytest.raises(ValueError, match="belongs to another run .*strength"):
+        train_lora(base, pairs, tmp_path / "s", **{**kw, "strength": 0.7})

@@ -145,7 +145,7 @@ def ray_runs(tiny_root, catalog, stage_params, tiny_pipe, tmp_path_factory):
         shutil.copy(by_slug[s]["path"], loras / f"{s}.safetensors")
     (tmp / "catalog.yaml").write_text(yaml.safe_dump(
         {"loras": [{"slug": s, "short": by_slug[s]["short"], "file": f"{s}.safetensors"} for s in LORAS]}))
-    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "catalog": str(tmp / "catalog.yaml"),
+    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "catalog": str(tmp / "catalog.yaml"),
                                 "lora_dir": str(loras), "runs_dir": str(tmp / "runs"), "device": "cpu"})
     params = dict(stage_params, sets=["variety"], max_images=3, batch_size=2, threads=1, workers=2)
     local = synthesize(cfg, params, tmp / "local", pipe=tiny_pipe, progress=False)

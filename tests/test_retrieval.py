@@ -22,7 +22,7 @@ from lorafind_utils.retrieval import Query, Ranker, Ranking, evaluate_queries, r
 def ranker_env(tmp_path_factory):
     """A saved classifier (random weights) where stage 02 puts it, and a profile YAML pointing there."""
     root = tmp_path_factory.mktemp("rank")
-    cfg = load_profile("tiny", {"runs_dir": str(root / "runs"), "figures_dir": str(root / "fig")})
+    cfg = load_profile("standin", {"runs_dir": str(root / "runs"), "figures_dir": str(root / "fig")})
     slugs = [e["slug"] for e in load_catalog(cfg)]
     m = build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=3)
     save_checkpoint(m, slugs, root / "runs" / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})
@@ -186,7 +186,7 @@ def test_style_samples_are_unseen_photos_in_the_entrys_true_style(tiny_cfg, cata
     cat = tmp_path / "catalog.yaml"
     cat.write_text(yaml.safe_dump(data))
     # its own lora_dir: the shared one's files are built for the shared catalog
-    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "catalog": str(cat), "runs_dir": str(tmp_path / "runs"),
+    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "catalog": str(cat), "runs_dir": str(tmp_path / "runs"),
                                 "lora_dir": str(tmp_path / "loras")})
     p = dict(stage_params(cfg, "01_synthesize"), prompts=[], query_set="faces", images_per_lora=0, seed=1, strength=0.6,
              guidance_scale=1.0, style_query_set="variety", style_query_images=2)

@@ -44,7 +44,7 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
                                              "eval_prompts": ["a red house, in the style of duotone poster", "a cat"]},
                      "08_index": {"encoder": "gram", "compare": ["gram"], "folds": 0, "open_set_images": 2,
                                   "add_images": 2, "latency_queries": 2}}}
-    recs = run_study("tiny", overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
+    recs = run_study("standin", overrides=ov, output_dir=tmp_path / "pm", log=lambda *a: None)
     assert [r["stage"] for r in recs] == ["01_synthesize", "02_finetune", "03_ablate_sizes", "04_domain_vs_variety",
                                           "05_retrieve_thumbnails", "06_generate", "07_train_style_lora", "08_index"]
     assert all(r["status"] == "ok" for r in recs)

@@ -34,7 +34,7 @@ def test_skipping_guidance_with_empty_prompt_equals_guided(tiny_pipe, prepared, 
               num_inference_steps=6, controlnet_conditioning_scale=1.0, output_type="np")
     guided = tiny_pipe(guidance_scale=7.5, generator=torch.Generator().manual_seed(3), **kw).images[0]
     plain = tiny_pipe(guidance_scale=1.0, generator=torch.Generator().manual_seed(3), **kw).images[0]
-    np.testing.assert_allclose(guided, plain, atol=2e-4)
+    np.testing.assert_allclose(guided, plain, atol=1e-3)  # batch of 2 vs 1: another CPU may pick another kernel per batch size
 
 
 def test_batch_size_does_not_change_images(tiny_pipe, prepared, stage_params):
@@ -46,7 +46,7 @@ def test_batch_size_does_not_change_images(tiny_pipe, prepared, stage_params):
 
 
 def _cfg(tiny_root, runs):
-    return load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(runs)})
+    return load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(runs)})
 
 
 def _files(d):
@@ -107,7 +107,7 @@ def test_worker_processes_make_the_same_files_as_one_process(tiny_root, tiny_pip
 
 
 def test_unreadable_base_image_is_recorded_not_silently_dropped(tiny_root, tiny_pipe, stage_params, tmp_path):
-    src = resolve(load_profile("tiny")["base_images"]["variety"])
+    src = resolve(load_profile("standin")["base_images"]["variety"])
     imgs = read_base_set(src)[:2]
     d = tmp_path / "base"
     d.mkdir()
@@ -118,7 +118,7 @@ def test_unreadable_base_image_is_recorded_not_silently_dropped(tiny_root, tiny_
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     rows.append("broken.jpg,x,objects,test,CC0")
     (d / "manifest.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "r"), "base_images": {"variety": str(d)}})
+    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "r"), "base_images": {"variety": str(d)}})
     man = synthesize(cfg, dict(stage_params, sets=["variety"], max_images=0), tmp_path / "r" / "synth", pipe=tiny_pipe, progress=False)
     assert [s["image"] for s in man["skipped"]] == ["broken"]
     assert "not a readable image" in man["skipped"][0]["reason"]
@@ -131,7 +131,7 @@ def test_bad_lora_fails_before_any_image(tiny_root, tiny_pipe, stage_params, tmp
     from lorafind_utils.models import prepare_loras
 
     loras = tmp_path / "loras"
-    cfg = load_profile("tiny", {**tiny_overrides(tiny_root), "lora_dir": str(loras), "runs_dir": str(tmp_path / "r")})
+    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "lora_dir": str(loras), "runs_dir": str(tmp_path / "r")})
     prepare_loras(cfg)
     (loras / "pop_art.safetensors").write_bytes(b"\x80\x04 pickle bytes")
     with pytest.raises(LoraError, match="pop_art.safetensors.*pickle"):

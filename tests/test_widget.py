@@ -30,7 +30,7 @@ def _png(color=(200, 30, 30), size=48) -> bytes:
 @pytest.fixture(scope="module")
 def cfg(tiny_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("widget_runs")
-    c = load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(runs)})
+    c = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(runs)})
     slugs = [e["slug"] for e in load_catalog(c)]
     m = build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=5)
     save_checkpoint(m, slugs, runs / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})
@@ -83,7 +83,7 @@ def test_huge_image_dimensions_are_refused(cfg):
 
 
 def test_no_classifier_yet_says_which_stage_to_run(tiny_root, tmp_path):
-    w = RankWidget(load_profile("tiny", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path)}))
+    w = RankWidget(load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path)}))
     w.upload.value = _upload(_png())
     assert "run stage 02" in w.status.value and "lorafind train" in w.status.value
 
