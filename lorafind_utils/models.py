@@ -82,12 +82,40 @@ def prepare_loras(cfg: dict) -> list[dict]:
 
         base, _ = prepare_models(cfg)
         ensure_tiny_loras(catalog, lora_dir(cfg), base)
+    elif cfg["models"]["kind"] == "local" and cfg["models"].get("loras"):
+        install_shipped_loras(catalog, resolve(cfg["models"]["loras"]))
     missing = [e["path"] for e in catalog if not Path(e["path"]).exists()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} LoRA files are missing (e.g. {missing[0]}); run `lorafind fetch --profile {cfg['name']}`"
         )
     return catalog
+
+
+def install_shipped_loras(catalog: list[dict], source: Path) -> None:
+    """Copy the LoRA files shipped in ``source`` (the trained tiny world's ``data/tiny_world/loras``) into the
+    profile's ``lora_dir`` (each entry's ``path``), so that what the study writes there (stage 07's trained LoRAs,
+    ``lorafind index add``) never lands in the repository's data. A file already in place is kept when its
+    SHA-256 is the catalog's; a shipped file whose hash is not the catalog's is refused, naming it."""
+    import shutil
+
+    from .download import sha256_file
+    from .files import atomic_path
+
+    for e in catalog:
+        dest = Path(e["path"])
+        want = e.get("sha256")
+        if dest.exists() and (not want or sha256_file(dest) == want):
+            continue
+        src = Path(source) / e["file"]
+        if not src.exists():
+            raise FileNotFoundError(f"LoRA {e['slug']!r}: {src} is missing (the profile's models.loras folder ships it)")
+        if want and sha256_file(src) != want:
+            raise ValueError(f"LoRA {e['slug']!r}: {src} does not match the catalog's sha256 {want[:12]}…; "
+                             "the shipped file was changed")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def load_pipeline(cfg: dict, device: str | torch.device = "auto", dtype: str = "float32"):

@@ -160,7 +160,8 @@ PROFILE_KEYS: dict[str, Param] = {
 }
 MODEL_KEYS: dict[str, Param] = {"kind": Param("str", choices=("standin", "local", "hub")), "base": Param("str", empty=False),
                                 "controlnet": Param("str", empty=False)}
-OPTIONAL_MODEL_KEYS: dict[str, Param] = {"seed": SEED}
+#: seed: the stand-ins' seed (kind standin); loras: the folder of shipped LoRA files that kind local installs into lora_dir
+OPTIONAL_MODEL_KEYS: dict[str, Param] = {"seed": SEED, "loras": Param("str", empty=False)}
 
 
 def _check_section(values, spec: dict[str, Param], where: str, source: str, optional: dict | None = None) -> dict:

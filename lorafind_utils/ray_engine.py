@@ -75,7 +75,9 @@ def _absolute_cfg(cfg: dict) -> dict:
 
     cfg = copy.deepcopy(cfg)
     m = cfg["models"]
-    for role in ("base", "controlnet"):
+    for role in ("base", "controlnet", "loras"):
+        if role not in m:
+            continue
         p = resolve(m[role])
         if m.get("kind") == "standin" or p.exists():
             m[role] = str(p)

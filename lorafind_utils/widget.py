@@ -3,8 +3,12 @@
     from lorafind_utils.widget import RankWidget
     RankWidget.from_profile("tiny")        # the last expression of a cell displays it
 
-Upload an image (any common format) and the catalog's LoRAs appear ranked, with a score bar
-and an image that each LoRA made (from stage 01). Pick a LoRA and a base image (one of the
+Upload an image (any common format) and the catalog's LoRAs appear ranked, each with a score bar
+and a few images of its own, so one sees what it paints: stage 01's restyles of the same base
+images in every row (read once, cached), or -- for a style-index entry that has none, such as one
+added from preview images (the index keeps only their embedding) -- a "no images stored" note.
+*Rank by: style index* also answers "none of these": when P(match) is below the calibrated
+threshold, a message above the ranking says so and names the closest LoRA. Pick a LoRA and a base image (one of the
 profile's or an upload) and press *Generate*: the LoRA restyles the base image and the result
 appears beside the query with its style similarity. Bad input is a short message in the panel,
 never a traceback. The classifier and the diffusion pipeline load on first use; under
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ipywidgets as W
@@ -25,6 +30,9 @@ from .images import ImageError, load_rgb_bytes, read_base_set
 
 #: Uploads larger than this many bytes are refused before decoding.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+#: Images of its own shown beside each ranked LoRA, and their size in pixels.
+SAMPLES_PER_LORA = 3
+SAMPLE_SIZE = 56
 
 
 def _png(im: Image.Image, size: int = 96) -> bytes:
@@ -37,19 +45,43 @@ def _image(im: Image.Image, size: int = 96) -> W.Image:
     return W.Image(value=_png(im, size), format="png", width=size, height=size)
 
 
+@dataclass
+class LoraSamples:
+    """What a ranked row shows of one LoRA: thumbnails of its own images (PNG bytes, with the file
+    each came from), or, when it has none to show, why (``note``)."""
+
+    pngs: list[bytes] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)
+    note: str = ""
+
+
+def _percent(p: float) -> str:
+    return "< 1 %" if 0 < p < 0.005 else "> 99 %" if 0.995 < p < 1 else f"{100 * p:.0f} %"
+
+
+def none_of_these_message(ranking) -> str | None:
+    """The "none of these" answer of an index ranking whose P(match) is below the threshold, else None."""
+    if ranking is None or ranking.match is not False or not ranking.names:
+        return None
+    return (f"None of these LoRAs paints this style (P(match) = {_percent(float(ranking.match_p or 0.0))}); "
+            f"closest: {ranking.names[0]}")
+
+
 class RankWidget:
     """Upload -> ranked LoRAs (score bars, sample images) -> generate with a chosen LoRA."""
 
     def __init__(self, cfg: dict, run_name: str | None = None, top: int = 5, sample_set: str = "variety",
-                 method: str = "classifier"):
+                 method: str = "classifier", n_samples: int = SAMPLES_PER_LORA):
         self.cfg = cfg
         self.run_name = run_name
         self.catalog = load_catalog(cfg)
         self.entries = {e["slug"]: e for e in self.catalog}
         self.sample_set = sample_set
+        self.n_samples = max(0, int(n_samples))
         self._rankers: dict = {}
         self._pipe = None
-        self._samples: dict | None = None
+        self._stage01: tuple[dict, str] | None = None  # slug -> (its stage-01 files, their LoRA file); or why none
+        self._sample_cache: dict[str, LoraSamples] = {}
         self.query: Image.Image | None = None
         self.ranking = None
 
@@ -61,6 +93,8 @@ class RankWidget:
                                       value=method, description="Rank by",
                                       tooltips=["the paper's classifier", "the embedding index: also says 'none of these'"])
         self.query_view = W.Box()
+        self.none_of_these = W.HTML(layout=W.Layout(display="none"))
+        self.none_of_these.add_class("lorafind-none-of-these")
         self.results = W.VBox()
         self.results.add_class("lorafind-ranking")
         self.lora = W.Dropdown(options=[(e["short"], e["slug"]) for e in self.catalog], description="LoRA")
@@ -82,7 +116,7 @@ class RankWidget:
             W.HBox([self.upload, self.top]),
             self.method,
             self.status,
-            W.HBox([self.query_view, self.results]),
+            W.HBox([self.query_view, W.VBox([self.none_of_these, self.results])]),
             W.HTML("<b>Generate</b> with a LoRA from a base image (same settings as stage 01)"),
             W.HBox([self.lora, self.base, self.base_upload]),
             W.HBox([self.generate_button, self.progress]),
@@ -125,16 +159,86 @@ class RankWidget:
                 self._rankers[m] = Ranker.from_profile(self.cfg, self.run_name)
         return self._rankers[m]
 
-    def samples(self) -> dict:
-        """One stage-01 image per LoRA, or none if stage 01 has not run."""
-        if self._samples is None:
-            from .retrieval import lora_samples
-
+    def _stage01_files(self) -> tuple[dict, str]:
+        """({slug: ([its stage-01 images of the same n base images], its LoRA file name)}, why empty),
+        from stage 01's manifest, read once. Base images spread over ``sample_set`` (else the first set)."""
+        if self._stage01 is None or (not self._stage01[0] and layout.synth_manifest(layout.synth_dir(self.cfg)).exists()):
+            files, why = {}, ""  # (stage 01 finished since the last look: read it now)
             try:
-                self._samples = lora_samples(self.cfg, self.sample_set)
-            except (OSError, KeyError, ValueError):
-                self._samples = {}
-        return self._samples
+                synth = layout.synth_dir(self.cfg)
+                man = layout.read_synth_manifest(synth)
+                sets = {k: v for k, v in man["sets"].items() if v}
+                set_name = self.sample_set if self.sample_set in sets else next(iter(sets), None)
+                if set_name is None:
+                    raise ValueError("stage 01 made no images")
+                ids = sets[set_name]
+                n = min(self.n_samples, len(ids))
+                pick = [ids[(i * len(ids)) // n] for i in range(n)] if n else []
+                for e in man["loras"]:
+                    paths = [layout.synth_image(synth, set_name, e["slug"], i) for i in pick]
+                    files[e["slug"]] = ([q for q in paths if q.is_file()], str(e.get("file", "")))
+            except FileNotFoundError:
+                why = "no stage-01 images yet (run stage 01: `lorafind synthesize`)"
+            except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+                why = f"stage 01's images cannot be read ({type(e).__name__}: {e})"
+            self._stage01 = (files, why)
+        return self._stage01
+
+    def _index_meta(self, slug: str) -> dict | None:
+        """The style-index entry's metadata when the ranking came from the index, else None."""
+        ranker = self._rankers.get("index")
+        if self.ranking is None or self.ranking.method != "index" or ranker is None:
+            return None
+        try:
+            index = ranker.index
+            return index.entry(slug).meta if slug in index else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def lora_samples(self, slug: str) -> LoraSamples:
+        """A few of this LoRA's own images as the ranking shows them (cached: each file is read once),
+        or why there are none: stage 01 has not run, or an index entry whose images are not stored."""
+        meta = self._index_meta(slug)
+        if meta is not None and meta.get("source") == "thumbnails":
+            return LoraSamples(note=f"no images stored: added from {meta.get('n_images', 'its')} preview images, "
+                                    "of which the index keeps only the mean embedding")
+        files, why = self._stage01_files()
+        if slug not in files or (meta is not None and meta.get("file") and files[slug][1]
+                                 and meta["file"] != files[slug][1]):
+            if meta is not None:  # added by `lorafind index add`: its restyles are embedded, not kept
+                return LoraSamples(note="no images stored: the index keeps only this LoRA's embedding")
+            return LoraSamples(note=why or "no images stored: stage 01 did not restyle with this LoRA")
+        if slug not in self._sample_cache:
+            from .images import load_rgb
+
+            out = LoraSamples()
+            for path in files[slug][0]:
+                try:
+                    out.pngs.append(_png(load_rgb(path), SAMPLE_SIZE))
+                    out.sources.append(path)
+                except (ImageError, OSError) as e:
+                    out.note = f"unreadable: {e}"
+            if not out.pngs:
+                out.note = out.note or "no images stored: stage 01's images of this LoRA are missing"
+            self._sample_cache[slug] = out
+        return self._sample_cache[slug]
+
+    def _samples_view(self, slug: str) -> W.Widget:
+        s = self.lora_samples(slug)
+        if s.pngs:
+            ims = []
+            for png, src in zip(s.pngs, s.sources):
+                im = W.Image(value=png, format="png", width=SAMPLE_SIZE, height=SAMPLE_SIZE,
+                             tooltip=f"{slug}: stage 01, {src.parent.parent.name}/{src.stem}")
+                ims.append(im.add_class("lorafind-sample"))
+            box = W.HBox(ims, layout=W.Layout(margin="0 0 0 6px"))
+        else:
+            why = s.note.removeprefix("no images stored").lstrip(": ")
+            box = W.HTML(f'<span style="color:#777; font-size:85%; line-height:1.2" title="{html.escape(s.note)}">'
+                         f'<i>no images stored</i><br>{html.escape(why)}</span>',
+                         layout=W.Layout(width=f"{self.n_samples * (SAMPLE_SIZE + 4)}px", margin="0 0 0 6px"))
+            box.add_class("lorafind-no-samples")
+        return box.add_class("lorafind-samples")
 
     @staticmethod
     def _read_upload(value) -> tuple[str, bytes]:
@@ -180,25 +284,28 @@ class RankWidget:
         if self.ranking.slugs[0] in self.entries:  # an index entry may be a LoRA outside the catalog
             self.lora.value = self.ranking.slugs[0]
         self.generate_button.disabled = False
-        if self.ranking.match is False:
-            self._say(f"{name}: {self.ranking.verdict()}.", error=True)
-        else:
-            self._say(f"{name}: LoRAs ranked by the {'style index' if self.ranking.method == 'index' else 'classifier'} "
-                      f"({ranker.backbone}).")
+        self._say(f"{name}: LoRAs ranked by the {'style index' if self.ranking.method == 'index' else 'classifier'} "
+                  f"({ranker.backbone})" + (": none of these paints this style." if self.ranking.match is False else "."))
         self._show_ranking()
 
     def _show_ranking(self) -> None:
         if self.ranking is None:
             return
-        rows, samples = [], self.samples()
+        none = none_of_these_message(self.ranking)
+        self.none_of_these.value = "" if none is None else (
+            '<div style="color:#8a4b00; background:#fff4e0; border:1px solid #e0b060; padding:4px 8px">'
+            f"<b>{html.escape(none)}</b>. Train one with <code>lorafind train-lora</code>, or add one with "
+            "<code>lorafind index add</code>.</div>")
+        self.none_of_these.layout.display = "none" if none is None else ""
+        rows = []
         for i, (slug, name, score) in enumerate(self.ranking.top(self.top.value), 1):
             bar = W.FloatProgress(value=min(max(score, 0.0), 1.0), min=0.0, max=1.0, layout=W.Layout(width="160px"))
             shown = f"{100 * score:.1f} %" if self.ranking.method == "classifier" else f"cos {score:.3f}"
             parts = [W.HTML(f"<b>{i}.</b>", layout=W.Layout(width="28px")),
                      W.HTML(html.escape(name), layout=W.Layout(width="150px")).add_class("lorafind-name"), bar,
                      W.HTML(shown, layout=W.Layout(width="72px"))]
-            if slug in samples:
-                parts.append(_image(samples[slug], 56))
+            if self.n_samples:
+                parts.append(self._samples_view(slug))
             rows.append(W.HBox(parts, layout=W.Layout(align_items="center")))
         self.results.children = rows
 
