@@ -83,7 +83,7 @@ TEXT_CONFIG = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, h
 CODEC = dict(steps=3000, batch_size=16, lr=2e-3, styled_share=0.25, kl=1e-6, l1=0.5)
 #: denoiser: snr_gamma = Min-SNR-gamma loss weighting (diffusers' compute_snr; 0 = plain epsilon MSE)
 DENOISER = dict(steps=7000, batch_size=32, lr=1e-3, ema=0.999, aug=6, snr_gamma=5.0)
-CONTROLNET = dict(steps=2000, batch_size=32, lr=5e-4, aug=6, snr_gamma=5.0)
+CONTROLNET = dict(steps=1500, batch_size=32, lr=5e-4, aug=6, snr_gamma=5.0)
 #: LoRA recipe: paired restyling adapters (``objective`` bridge, lora_training.train_lora): each LoRA learns to carry
 #: stage 01's img2img start from a lora_train photo (at STRENGTH, STEPS, the frozen ControlNet fed the photo's edges)
 #: to that photo in its style. Same rank/steps/lr, unpaired LoRAs (objective standard, Min-SNR gamma ``snr_gamma``)
@@ -1035,7 +1035,7 @@ def evaluate(seed: int = 0, strengths: tuple = (), strength: float | None = None
 PROBE_SLUGS = ("xsarchitecture", "pixel_art", "pop_art", "illustration")
 
 
-def strength_probe(seed: int = 0, strengths=(0.3, 0.5, 0.7), slugs=PROBE_SLUGS, steps: int = 200, progress: bool = True,
+def strength_probe(seed: int = 0, strengths=(0.3, 0.5, 0.7), slugs=PROBE_SLUGS, steps: int = 150, progress: bool = True,
                    device: str = "cpu") -> dict:
     """Choose stage 01's strength by measurement: at each strength, bridge LoRAs for ``slugs`` (``steps`` each,
     trained for that strength) restyle the held-out photos; per strength the plain img2img PSNR to the photo, each

@@ -16,6 +16,7 @@ papermill the panel is inert output and never blocks a headless run.
 """
 from __future__ import annotations
 
+import base64
 import html
 import io
 from dataclasses import dataclass, field
@@ -223,15 +224,20 @@ class RankWidget:
             self._sample_cache[slug] = out
         return self._sample_cache[slug]
 
+    @staticmethod
+    def _sample_title(slug: str, src: Path) -> str:
+        """The hover text of a sample: whose image it is and what it restyled (``<set>/<lora>/<base id>.png``)."""
+        return f"{slug}: stage 01, {src.parent.parent.name}/{src.stem}"
+
     def _samples_view(self, slug: str) -> W.Widget:
         s = self.lora_samples(slug)
-        if s.pngs:
-            ims = []
-            for png, src in zip(s.pngs, s.sources):
-                im = W.Image(value=png, format="png", width=SAMPLE_SIZE, height=SAMPLE_SIZE,
-                             tooltip=f"{slug}: stage 01, {src.parent.parent.name}/{src.stem}")
-                ims.append(im.add_class("lorafind-sample"))
-            box = W.HBox(ims, layout=W.Layout(margin="0 0 0 6px"))
+        if s.pngs:  # one HTML widget of data-URI images: a hover names each image (a widget `tooltip` breaks
+            # the view in jupyterlab_widgets 3.0), and one widget per row instead of one per image
+            box = W.HTML("".join(
+                f'<img class="lorafind-sample" src="data:image/png;base64,{base64.b64encode(png).decode()}" '
+                f'width="{SAMPLE_SIZE}" height="{SAMPLE_SIZE}" style="margin-right:4px" alt="{html.escape(slug)}" '
+                f'title="{html.escape(self._sample_title(slug, src), quote=True)}">'
+                for png, src in zip(s.pngs, s.sources)), layout=W.Layout(margin="0 0 0 6px"))
         else:
             why = s.note.removeprefix("no images stored").lstrip(": ")
             box = W.HTML(f'<span style="color:#777; font-size:85%; line-height:1.2" title="{html.escape(s.note)}">'
@@ -284,8 +290,9 @@ class RankWidget:
         if self.ranking.slugs[0] in self.entries:  # an index entry may be a LoRA outside the catalog
             self.lora.value = self.ranking.slugs[0]
         self.generate_button.disabled = False
-        self._say(f"{name}: LoRAs ranked by the {'style index' if self.ranking.method == 'index' else 'classifier'} "
-                  f"({ranker.backbone})" + (": none of these paints this style." if self.ranking.match is False else "."))
+        how = ranker.backbone if self.ranking.method == "index" else f"classifier ({ranker.backbone})"  # "style index (…)"
+        self._say(f"{name}: LoRAs ranked by the {how}" + (": none of these paints this style." if self.ranking.match is False
+                                                          else "."))
         self._show_ranking()
 
     def _show_ranking(self) -> None:

@@ -17,11 +17,14 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from PIL import Image
 
+from lorafind_utils import indexing
 from lorafind_utils.classifier import build_model, save_checkpoint
-from lorafind_utils.config import load_catalog, load_profile, project_root
+from lorafind_utils.config import load_catalog, load_profile, project_root, stage_params
 from lorafind_utils.retrieval import Ranker
+from lorafind_utils.style_index import StyleIndex
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -46,14 +49,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _screenshot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name), full_page=True)
+    if os.environ.get("LORAFIND_SCREENSHOT_DIR"):
+        Path(os.environ["LORAFIND_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / name, Path(os.environ["LORAFIND_SCREENSHOT_DIR"]) / name)
+
+
 @pytest.mark.slow
-def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path):
+def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path, request):
     _require_browser()
+    tiny_root, tiny_pipe = request.getfixturevalue("tiny_root"), request.getfixturevalue("tiny_pipe")  # after the skip
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    # a trained classifier where stage 02 puts it (random weights: the ranking is still a ranking)
+    from lorafind_utils.synthesis import synthesize
+
+    # a trained classifier where stage 02 puts it (random weights: the ranking is still a ranking), stage 01's
+    # images of 3 base images (each row's samples) and a style index calibrated so that "none of these" applies
     runs = tmp_path / "runs"
-    cfg = load_profile("standin", {"runs_dir": str(runs)})
+    overrides = {**tiny_overrides(tiny_root), "runs_dir": str(runs),
+                 "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 3}, "02_finetune": {"val_fraction": 0.34},
+                            "08_index": {"encoder": "imagenet"}}}
+    cfg = load_profile("standin", overrides)
     slugs = [e["slug"] for e in load_catalog(cfg)]
     save_checkpoint(build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=9), slugs,
                     runs / "train" / "finetune_variety", {"hidden": 32, "image_size": 32})
@@ -62,13 +80,22 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path):
     rng = np.random.default_rng(4)
     Image.fromarray((rng.integers(0, 80, (64, 64, 3)) + [150, 40, 90]).clip(0, 255).astype(np.uint8)).save(query)
     expected = Ranker.from_profile(cfg).rank([query])[0].names[:5]
+    synthesize(cfg, stage_params(cfg, "01_synthesize"), pipe=tiny_pipe, progress=False)
+    folder = indexing.build(cfg, progress=False, log=lambda *a: None)["folder"]
+    ix = StyleIndex.load(folder)
+    ix.params["calibration"].update(coef=[0.0, 0.0], intercept=-30.0)  # P(match) ~ 1e-13 for any query
+    ix.save(folder)
+    by_index = indexing.IndexRanker.from_profile(cfg).rank_files([query])[0]
+    assert by_index.match is False
 
     # the committed notebook, pointed at this run folder
     nb_dir = tmp_path / "lab"
     nb_dir.mkdir()
     nb = nbformat.read(project_root() / "notebooks" / "rank_my_image.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = params.source.replace("overrides: dict = {}", f"overrides: dict = {{'runs_dir': {str(runs)!r}}}")
+    params.source = (params.source.replace("overrides: dict = {}", f"overrides: dict = {overrides!r}")
+                     .replace('profile: str = "tiny"', 'profile: str = "standin"'))
+    assert repr(overrides) in params.source and '"standin"' in params.source
     nbformat.write(nb, nb_dir / "rank_my_image.ipynb")
 
     port, token = _free_port(), secrets.token_hex(16)
@@ -104,14 +131,40 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path):
             chooser.value.set_files(str(query))
             page.wait_for_selector(".lorafind-ranking .lorafind-name", timeout=60_000)
             shown = [t.strip() for t in page.locator(".lorafind-ranking .lorafind-name").all_inner_texts()]
-            page.screenshot(path=str(tmp_path / "jupyterlab_rank.png"), full_page=True)
-            if os.environ.get("LORAFIND_SCREENSHOT_DIR"):
-                Path(os.environ["LORAFIND_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-                shutil.copy(tmp_path / "jupyterlab_rank.png", Path(os.environ["LORAFIND_SCREENSHOT_DIR"]) / "jupyterlab_rank.png")
+            # each ranked row shows 3 of its LoRA's own stage-01 images, decoded by the browser
+            page.wait_for_function("document.querySelectorAll('.lorafind-ranking .lorafind-samples').length === 5"
+                                   " && [...document.querySelectorAll('.lorafind-ranking img.lorafind-sample')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            first_row = page.locator(".lorafind-ranking .lorafind-samples").first.locator("img.lorafind-sample")
+            samples = [first_row.nth(i).get_attribute("title") or "" for i in range(first_row.count())]
+            n_sample_imgs = page.locator(".lorafind-ranking img.lorafind-sample").count()
+            none_before = page.locator(".lorafind-none-of-these").first.inner_text().strip()
             status = page.locator(".widget-html-content").all_inner_texts()
+            _screenshot(page, tmp_path, "jupyterlab_rank.png")
+            # Rank by: style index -> the "none of these" answer above the ranking, with the closest LoRA
+            page.locator(".widget-toggle-button", has_text="style index").first.click()
+            page.wait_for_function("(document.querySelector('.lorafind-none-of-these') || {}).innerText"
+                                   " && document.querySelector('.lorafind-none-of-these').innerText.includes('None of these')",
+                                   timeout=60_000)
+            none_text = page.locator(".lorafind-none-of-these").first.inner_text()
+            try:  # the rows are other widgets: they may arrive a moment after the message
+                page.wait_for_function("want => JSON.stringify([...document.querySelectorAll('.lorafind-ranking "
+                                       ".lorafind-name')].map(e => e.innerText.trim())) === JSON.stringify(want)",
+                                       arg=by_index.names[:5], timeout=30_000)
+            except PlaywrightTimeout:
+                pass  # reported by the assertion below
+            shown_index = [t.strip() for t in page.locator(".lorafind-ranking .lorafind-name").all_inner_texts()]
+            _screenshot(page, tmp_path, "jupyterlab_none_of_these.png")
             browser.close()
         assert shown == expected, (shown, expected)
         assert any("my_style.png: LoRAs ranked" in s for s in status)
+        assert n_sample_imgs == 5 * 3, n_sample_imgs
+        top_slug = next(e["slug"] for e in load_catalog(cfg) if e["short"] == expected[0])
+        assert len(samples) == 3 and all(t.startswith(f"{top_slug}: stage 01, variety/") for t in samples), samples
+        assert none_before == "", none_before  # the classifier ranking: no "none of these"
+        assert (f"None of these LoRAs paints this style (P(match) = < 1 %); closest: {by_index.names[0]}"
+                in none_text), none_text
+        assert shown_index == by_index.names[:5], (shown_index, by_index.names[:5])  # still listed below it
         print(f"browser test: {time.perf_counter() - t0:.1f} s")
     finally:
         server.terminate()
