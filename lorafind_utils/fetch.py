@@ -261,7 +261,8 @@ def fetch(cfg: dict, what: Iterable[str] | None = None, progress: bool = True) -
     if unknown:
         raise FetchError(f"unknown fetch item(s) {', '.join(unknown)}; choose from {', '.join(FETCH_ITEMS)}")
     if not what:
-        print(f"profile '{cfg.get('name', '?')}': nothing to download (its models and LoRAs are built locally)")
+        where = ("ship with the repository" if cfg.get("models", {}).get("kind") == "local" else "are built locally")
+        print(f"profile '{cfg.get('name', '?')}': nothing to download (its models and LoRAs {where})")
     done: dict[str, list[dict]] = {}
     for item in FETCH_ITEMS:
         if item not in what:

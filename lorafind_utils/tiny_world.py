@@ -959,11 +959,11 @@ def grid(rows: list[list[Image.Image]], labels: list[str], cell: int = RESOLUTIO
 
 
 def evaluate(seed: int = 0, strengths: tuple = (), strength: float | None = None, progress: bool = True,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", probe: bool = False) -> dict:
     """Every figure of record.json's "evaluation": codec PSNR, img2img PSNR, edge agreement with/without ControlNet,
     per-style recognition at the world's strength (and any other ``strengths``: the LoRAs are trained for one
     strength, so the choice of strength is :func:`strength_probe`'s), stage-01 throughput, the retrieval probe;
-    writes the preview grid and the codec's round-trip grid."""
+    writes the preview grid and the codec's round-trip grid. ``probe``: also :func:`retrieval_probe`."""
     from .styles import STYLES
 
     strength = STRENGTH if strength is None else float(strength)
@@ -1019,8 +1019,9 @@ def evaluate(seed: int = 0, strengths: tuple = (), strength: float | None = None
                                                             strength, seed=seed) for st in STYLES.values()})
     plain, outs = outs_at[strength]
     res["recognition"] = sweep.get(str(strength)) or recognition(outs, truths, plain)
-    res["retrieval_probe"] = retrieval_probe(pipe, {st.lora: LORA_DIR / f"{st.lora}.safetensors" for st in STYLES.values()},
-                                             strength, seed=seed)
+    if probe:  # (the study's stage 05 measures Table 3 itself; this cheaper probe is for trying recipes)
+        res["retrieval_probe"] = retrieval_probe(pipe, {st.lora: LORA_DIR / f"{st.lora}.safetensors"
+                                                        for st in STYLES.values()}, strength, seed=seed)
     rows = [[ims[c] for c in cols]] + [[outs[st.lora][c] for c in cols] for st in STYLES.values()]
     labels = ["original"] + [f"{st.short}\n({st.name})" for st in STYLES.values()]
     g = grid(rows, labels)
@@ -1054,7 +1055,7 @@ def strength_probe(seed: int = 0, strengths=(0.3, 0.5, 0.7), slugs=PROBE_SLUGS, 
     for st in strengths:
         folder = RUN_DIR / "strength_probe" / f"s{st}"
         train_loras(seed, slugs=list(slugs), progress=progress, settings={"steps": steps}, device=device,
-                    run_dir=folder / "train", out_dir=folder / "loras", strength=st)
+                    run_dir=folder / "lora_runs", out_dir=folder / "loras", strength=st)
         plain = restyle_with(pipe, None, "none", ids, ims, st, seed=seed)
         outs = {s: restyle_with(pipe, folder / "loras" / f"{s}.safetensors", s, ids, ims, st, seed=seed) for s in slugs}
         rec = recognition(outs, truths, plain)

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
                     help="override a part's setting, e.g. codec.batch_size=64 denoiser.steps=40000 loras.rank=16")
     ap.add_argument("--strength", type=float, default=None, help="preview: the img2img strength evaluated in full "
                     "(default tiny_world.STRENGTH)")
+    ap.add_argument("--probe", action="store_true", help="preview: also run tiny_world.retrieval_probe (a linear probe "
+                    "of what Table 3 can reach; a few minutes)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
             if len(results) == len(STYLES):
                 tw.write_catalog(results)
         elif part == "preview":
-            res = tw.evaluate(a.seed, progress=progress, device=a.device, strength=a.strength)
+            res = tw.evaluate(a.seed, progress=progress, device=a.device, strength=a.strength, probe=a.probe)
             res["seconds"] = time.perf_counter() - t0
             write_json_atomic(res, tw.RUN_DIR / "preview" / "result.json")
         wall[part] = time.perf_counter() - t0

@@ -432,7 +432,7 @@ def test_fetch_does_what_the_profile_needs(tiny_cfg, capsys):
     assert needed_items(load_profile("paper", own_queries)) == ["models", "loras", "resnet50"]
     assert needed_items(tiny_cfg) == []
     assert fetch(tiny_cfg, progress=False) == {}
-    assert "profile 'tiny': nothing to download" in capsys.readouterr().out
+    assert "profile 'standin': nothing to download" in capsys.readouterr().out
     with pytest.raises(FetchError, match="no LoRA has a download url"):
         fetch_loras(tiny_cfg, progress=False)
     with pytest.raises(FetchError, match="unknown fetch item"):
