@@ -4,16 +4,17 @@ The ``tiny`` profile's seeded models (:mod:`lorafind_utils.tiny_models`) have ra
 LoRA paints coloured blobs. This module trains small models of the same shape on real photos so
 that the study's question ("which LoRA made this image?") has a visible, checkable answer:
 
-* codec: ``AutoencoderKL`` (3 levels, 4x down, 4 latent channels), trained on photos (plus, for a
+* codec: ``AutoencoderKL`` (3 levels, 4x down, 16 latent channels), trained on photos (plus, for a
   quarter of each batch, the 12 styles applied to the ``lora_train`` photos, so that -- like SD's VAE,
   which saw paintings too -- it can represent a pencil line or a halftone dot);
 * denoiser: ``UNet2DConditionModel`` trained as an epsilon denoiser on the codec's latents with SD1.5's
-  scaled-linear betas, conditioned on the tiny CLIP text encoder's embedding of the EMPTY prompt (the
-  study restyles with no prompt), weights averaged (EMA);
+  scaled-linear betas and Min-SNR-gamma weighting, conditioned on the tiny CLIP text encoder's embedding of
+  the EMPTY prompt (the study restyles with no prompt), weights averaged (diffusers' ``EMAModel``);
 * ControlNet-Canny: ``ControlNetModel.from_unet`` (zero convs as diffusers makes them), trained on
   Canny edges of the photos with the UNet frozen;
 * 12 LoRAs, one per :data:`lorafind_utils.styles.STYLES` entry, trained with the project's own
-  :func:`lorafind_utils.lora_training.train_lora` on that style applied to ``data/images/lora_train``.
+  :func:`lorafind_utils.lora_training.train_lora` as paired restyling adapters (``objective="bridge"``:
+  from each ``data/images/lora_train`` photo's img2img start at :data:`STRENGTH` to the photo in that style).
 
 Everything is seeded and resumable (``runs/tiny_world_train/<part>/checkpoint``); the shipped models
 live in ``data/tiny_world`` (fp16 safetensors, loaded as float32). ``scripts/train_tiny_world.py``

@@ -4,11 +4,12 @@ on real photos, then evaluate them and write the preview grid, the catalog and d
 
 Seeded and resumable: every part checkpoints under runs/tiny_world_train/<part>/ (every 100-200 steps), a
 rerun continues where a killed run stopped and skips finished parts (delete runs/tiny_world_train/<part> to
-retrain one). One torch thread, as the study's stage 01 uses; run it niced on a shared machine:
+retrain one). Two torch threads by default (both cores of the 2-core machine the shipped world was trained on,
+about 1.7 h in all); run it niced on a shared machine:
 
-    nice -n 10 .venv/bin/python scripts/train_tiny_world.py                # everything (~1.5 h on one core)
-    nice -n 10 .venv/bin/python scripts/train_tiny_world.py --only loras preview
-    nice -n 10 .venv/bin/python scripts/train_tiny_world.py --only loras --slugs anime disco
+    nice -n 5 .venv/bin/python scripts/train_tiny_world.py                 # everything
+    nice -n 5 .venv/bin/python scripts/train_tiny_world.py --only loras preview
+    nice -n 5 .venv/bin/python scripts/train_tiny_world.py --only loras --slugs anime disco
 
 On a GPU (the parts' batches are still drawn on the CPU from the seeded generators, so a part stopped on
 one device resumes on the other), with any part's settings overridden (they become part of the
@@ -17,8 +18,9 @@ checkpoint's signature, so a changed setting refuses to resume an old checkpoint
     .venv/bin/python scripts/train_tiny_world.py --device cuda --set denoiser.steps=40000 denoiser.batch_size=256
 
 Parts, in order (each needs the ones before): codec, denoiser (writes data/tiny_world/sd15), controlnet
-(writes data/tiny_world/controlnet-canny), loras (data/tiny_world/loras + catalog.yaml), preview (evaluation,
-strength sweep, data/tiny_world/synthesis_preview.png). record.json is rewritten after every run.
+(writes data/tiny_world/controlnet-canny), strength_probe (bridge LoRAs for a few styles at 0.3/0.5/0.7: which
+strength stage 01 uses, tiny_world.STRENGTH), loras (data/tiny_world/loras + catalog.yaml), preview (evaluation,
+data/tiny_world/synthesis_preview.png). record.json is rewritten after every run.
 """
 from __future__ import annotations
 
