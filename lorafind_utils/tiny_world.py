@@ -356,8 +356,10 @@ def train_loop(name: str, folder: Path, signature: dict, modules: dict, params: 
     ck = Checkpoint(folder, signature)
     start, history, seconds = ck.load(modules, opt, g)
     lr_sched = get_scheduler("cosine", opt, num_warmup_steps=min(warmup, steps // 10), num_training_steps=steps)
-    for _ in range(start):  # the schedule is a pure function of the step: replay it on resume
-        lr_sched.step()
+    if start:  # the schedule is a pure function of the step: on resume, set it where the killed run left it
+        lr_sched.last_epoch = start
+        for group, base, f in zip(opt.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas):
+            group["lr"] = base * f(start)
     averaged = None
     if ema is not None:
         averaged = EMAModel(ema["dst"].parameters(), decay=ema["decay"])
