@@ -277,9 +277,20 @@ def table_png(cells: list[list[str]], head: list[str], path: str | Path, title: 
     return Path(path)
 
 
-def table3_png(df, ordinals: list[str], caption: str, path: Path) -> Path:
-    """Table 3: one row per query, the ranked LoRAs, the correct one green."""
+#: Table 3's figure shows at most this many queries (spread over all of them); the .md and .csv hold every one
+TABLE3_FIGURE_ROWS = 36
+
+
+def table3_png(df, ordinals: list[str], caption: str, path: Path, max_rows: int = TABLE3_FIGURE_ROWS) -> Path:
+    """Table 3: one row per query, the ranked LoRAs, the correct one green; with more than ``max_rows`` queries,
+    ``max_rows`` of them spread evenly over all (each keeps its ImageN label) and the caption says so."""
+    import numpy as np
+
     rows = df.to_dict("records")
+    if len(rows) > max_rows:
+        keep = np.unique(np.linspace(0, len(rows) - 1, max_rows).round().astype(int))
+        caption = f"{len(keep)} of the {len(rows)} queries shown, spread over all (every one: table3.md). " + caption
+        rows = [rows[i] for i in keep]
     cells = [[r["query"], *[r[o] for o in ordinals], str(r["rank_of_correct"])] for r in rows]
     hits = [(i, j) for i, r in enumerate(rows, 1) for j, o in enumerate(ordinals, 1) if r[o] == r["correct"]]
     return table_png(cells, ["", *ordinals, "rank of correct"], path, "Table 3: LoRAs ranked for each query image",

@@ -138,3 +138,22 @@ def read_base_set(folder: str | Path) -> list[BaseImage]:
         BaseImage(Path(r["file"]).stem, folder / r["file"], r["subject"], r["category"], r["source"], r["license"])
         for r in rows
     ]
+
+
+def canny_edges(im: Image.Image | np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Stage 01's control edges: OpenCV Canny of the image's PIL greyscale (``convert("L")``), as a bool H x W map.
+    Every ControlNet input of the project (stage 01, the tiny world's ControlNet and bridge-LoRA training) uses
+    this one definition, so what a model was trained on is what the pipeline feeds it."""
+    import cv2
+
+    pil = im if isinstance(im, Image.Image) else Image.fromarray(np.ascontiguousarray(np.asarray(im, dtype=np.uint8)))
+    return cv2.Canny(np.asarray(pil.convert("L")), int(low), int(high)) > 0
+
+
+def control_maps(photos_u8, low: int = 100, high: int = 200):
+    """:func:`canny_edges` of uint8 N x 3 x H x W photos as the ControlNet pipeline feeds them: a float tensor
+    N x 3 x H x W in 0..1."""
+    import torch
+
+    maps = [canny_edges(x.permute(1, 2, 0).numpy(), low, high) for x in photos_u8]
+    return torch.from_numpy(np.stack(maps)).float()[:, None].repeat(1, 3, 1, 1)

@@ -422,10 +422,10 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
     base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
                           for b in prepared]) if index.variant == "content_cancelled" else None
     vec = lora_vectors(enc, x, index.variant, base_x)
-    import hashlib
+    from .download import sha256_file
 
     meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
-            "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "layout": info.layout}
+            "sha256": sha256_file(file), "layout": info.layout}
     with index_lock(ranker.folder):  # read, add, save: all under the lock (another add may have landed)
         index = ranker.read_fresh()
         if slug in index and not replace:

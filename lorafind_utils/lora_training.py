@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import layout
 from .files import atomic_path, write_json_atomic
-from .images import IMAGE_SUFFIXES, ImageError, load_rgb, square_resize
+from .images import IMAGE_SUFFIXES, ImageError, control_maps, load_rgb, square_resize
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 #: LoCon: the attention projections plus the resnet convolutions (kohya's "LoCon" / LyCORIS conv layers)
@@ -268,7 +268,7 @@ def train_lora(base: str, train_items: list[StyleImage], out_dir: str | Path, ra
                                              for it in train_items])).permute(0, 3, 1, 2)
             photo_lat = torch.cat([vae.encode(src[i : i + 8].float().div(127.5).sub(1).to(device)).latent_dist.mean
                                    * vae.config.scaling_factor for i in range(0, len(src), 8)])
-            cond = _canny_maps(src, canny).to(device)
+            cond = control_maps(src, *canny).to(device)
 
     import hashlib
 
@@ -404,15 +404,6 @@ def _bridge_loss(unet, cn, sched, z_photo, z_style, noise, t, t_start: int, text
     return (per_sample * x0_weights(sched, t, t_start)).mean()
 
 
-def _canny_maps(src_u8: torch.Tensor, thresholds: tuple[int, int]) -> torch.Tensor:
-    """Canny edges of uint8 N x 3 x H x W photos as the ControlNet pipeline feeds them: N x 3 x H x W floats 0..1."""
-    import cv2
-
-    maps = [cv2.Canny(cv2.cvtColor(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2GRAY),
-                      int(thresholds[0]), int(thresholds[1])) > 0 for x in src_u8]
-    return torch.from_numpy(np.stack(maps)).float()[:, None].repeat(1, 3, 1, 1)
-
-
 def save_lora_layouts(peft_sd: dict, out_dir: Path, alpha: float, adapter_config: dict | None = None) -> dict:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT, via ``save_lora_weights``) and
     ``lora_kohya.safetensors`` (kohya keys ``lora_unet_…`` with ``.alpha``, via diffusers'
@@ -445,11 +436,11 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
     read, merged (by slug; ``trained`` replaces) and written under one
     :func:`~lorafind_utils.files.run_lock`, so two registers into one catalog both land (the second
     waits its turn, up to 120 s, then is refused naming the first)."""
-    import hashlib
     import shutil
 
     import yaml
 
+    from .download import sha256_file
     from .files import run_lock
 
     lora_dir = Path(lora_dir)
@@ -469,7 +460,7 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
             by_slug[t["slug"]] = {"slug": t["slug"], "name": t["name"], "short": t.get("short", t["name"]),
                                   "file": dest.name, "base_model": t.get("base_model", ""),
                                   "trigger_words": t.get("trigger_words", []),
-                                  "sha256": hashlib.sha256(dest.read_bytes()).hexdigest()}
+                                  "sha256": sha256_file(dest)}
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump({"loras": list(by_slug.values())}, sort_keys=False))
     return path

@@ -288,13 +288,32 @@ def save_rankings(pairs: list[tuple[Query, Ranking]], metrics: dict, ranker: Ran
     return Path(path)
 
 
-def lora_samples(cfg: dict, set_name: str = "variety", index: int = 0) -> dict[str, Image.Image]:
-    """One stage-01 image per LoRA (the same base image for all), to show what each LoRA paints."""
+def lora_sample_files(cfg: dict, set_name: str = "variety", n: int = 1, fallback: bool = False) -> dict[str, tuple]:
+    """Stage 01's images of ``n`` base images spread over ``set_name`` (the same ones for every LoRA), from its
+    manifest: {slug: ([image files that exist], the LoRA's file name)}. ``fallback``: use the first set stage 01
+    made images of when ``set_name`` has none.
+
+    :raises FileNotFoundError: stage 01 has not run; ``KeyError`` / ``ValueError``: no such set, no images."""
     synth = layout.synth_dir(cfg)
     man = layout.read_synth_manifest(synth)
+    sets = {k: v for k, v in man["sets"].items() if v}
+    if fallback and set_name not in sets:
+        set_name = next(iter(sets), None)
+        if set_name is None:
+            raise ValueError("stage 01 made no images")
     ids = man["sets"][set_name]
-    img = ids[index % len(ids)]
-    return {e["slug"]: Image.open(layout.synth_image(synth, set_name, e["slug"], img)).convert("RGB") for e in man["loras"]}
+    n = min(int(n), len(ids))
+    pick = [ids[(i * len(ids)) // n] for i in range(n)] if n else []
+    out = {}
+    for e in man["loras"]:
+        paths = [layout.synth_image(synth, set_name, e["slug"], i) for i in pick]
+        out[e["slug"]] = ([q for q in paths if q.is_file()], str(e.get("file", "")))
+    return out
+
+
+def lora_samples(cfg: dict, set_name: str = "variety") -> dict[str, Image.Image]:
+    """One stage-01 image per LoRA (the same base image for all: the set's first), to show what each LoRA paints."""
+    return {slug: Image.open(paths[0]).convert("RGB") for slug, (paths, _) in lora_sample_files(cfg, set_name).items()}
 
 
 def example_rows(pairs: list[tuple[Query, Ranking]], samples: dict[str, Image.Image], n: int = 6, k: int = 5) -> list[dict]:

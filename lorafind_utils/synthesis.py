@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import layout
 from .files import atomic_path, run_lock, write_json_atomic
-from .images import BaseImage, ImageError, load_rgb, read_base_set, square_resize
+from .images import BaseImage, ImageError, canny_edges, load_rgb, read_base_set, square_resize
 from .loras import check_lora_against_model, inspect_lora, load_lora
 from .models import (SCHEDULER, base_skeletons, cached_pipeline, check_denoising_steps, load_pipeline, pick_device,
                      prepare_loras)
@@ -38,7 +37,7 @@ def item_seed(seed: int, lora: str, image_id: str) -> int:
 
 def canny_image(im: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     """OpenCV Canny edges of an RGB image as a 3-channel control image (white edges on black)."""
-    edges = cv2.Canny(np.asarray(im.convert("L")), int(low), int(high))
+    edges = canny_edges(im, low, high).astype(np.uint8) * 255
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 

@@ -174,21 +174,24 @@ def styled_images(ims: list[Image.Image]) -> dict[str, list[Image.Image]]:
 
 
 def canny(im: Image.Image | np.ndarray, low: int = CANNY[0], high: int = CANNY[1]) -> np.ndarray:
-    """OpenCV Canny of an RGB image as a bool map (the study's control edges: thresholds 100/200)."""
-    a = np.asarray(im)
-    g = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY) if a.ndim == 3 else a
-    return cv2.Canny(g, int(low), int(high)) > 0
+    """Stage 01's control edges (:func:`lorafind_utils.images.canny_edges`, thresholds 100/200) as a bool map."""
+    from .images import canny_edges
+
+    return canny_edges(im, low, high)
 
 
 def control_image(im: Image.Image) -> Image.Image:
-    e = canny(im).astype(np.uint8) * 255
-    return Image.fromarray(np.repeat(e[:, :, None], 3, axis=2))
+    """The control image stage 01 feeds the pipeline (:func:`lorafind_utils.synthesis.canny_image`)."""
+    from .synthesis import canny_image
+
+    return canny_image(im, *CANNY)
 
 
 def control_tensor(bank_u8: torch.Tensor) -> torch.Tensor:
     """Canny maps of a uint8 bank as the pipeline feeds them to the ControlNet: 3 x H x W floats in 0..1."""
-    maps = [canny(bank_u8[i].permute(1, 2, 0).numpy()) for i in range(len(bank_u8))]
-    return torch.from_numpy(np.stack(maps)).float()[:, None].repeat(1, 3, 1, 1)
+    from .images import control_maps
+
+    return control_maps(bank_u8, *CANNY)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -625,15 +628,14 @@ def encode_bank(vae, bank_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def snr_weighted_mse(pred: torch.Tensor, target: torch.Tensor, sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Epsilon MSE, each sample weighted by Min-SNR-gamma ``min(SNR(t), gamma) / SNR(t)`` (Hang et al. 2023, with
+    """Epsilon MSE, each sample weighted by Min-SNR-gamma (:func:`lorafind_utils.lora_training.min_snr_weights`,
     diffusers' ``compute_snr``); ``gamma`` 0 = plain MSE."""
     if not gamma:
         return F.mse_loss(pred, target)
-    from diffusers.training_utils import compute_snr
+    from .lora_training import min_snr_weights
 
-    snr = compute_snr(sched, t)
-    w = torch.clamp(snr, max=float(gamma)) / snr
-    return (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(sched, t, gamma)).mean()
 
 
 def _noisy(sched, mean, std, idx, g):

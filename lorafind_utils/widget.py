@@ -166,18 +166,9 @@ class RankWidget:
         if self._stage01 is None or (not self._stage01[0] and layout.synth_manifest(layout.synth_dir(self.cfg)).exists()):
             files, why = {}, ""  # (stage 01 finished since the last look: read it now)
             try:
-                synth = layout.synth_dir(self.cfg)
-                man = layout.read_synth_manifest(synth)
-                sets = {k: v for k, v in man["sets"].items() if v}
-                set_name = self.sample_set if self.sample_set in sets else next(iter(sets), None)
-                if set_name is None:
-                    raise ValueError("stage 01 made no images")
-                ids = sets[set_name]
-                n = min(self.n_samples, len(ids))
-                pick = [ids[(i * len(ids)) // n] for i in range(n)] if n else []
-                for e in man["loras"]:
-                    paths = [layout.synth_image(synth, set_name, e["slug"], i) for i in pick]
-                    files[e["slug"]] = ([q for q in paths if q.is_file()], str(e.get("file", "")))
+                from .retrieval import lora_sample_files
+
+                files = lora_sample_files(self.cfg, self.sample_set, self.n_samples, fallback=True)
             except FileNotFoundError:
                 why = "no stage-01 images yet (run stage 01: `lorafind synthesize`)"
             except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:

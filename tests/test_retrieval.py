@@ -208,3 +208,24 @@ def test_style_samples_are_unseen_photos_in_the_entrys_true_style(tiny_cfg, cata
     with pytest.raises(ValueError, match="LoRA anime: unknown style 'crayon'"):
         make_queries(cfg, p, tmp_path / "q2", pipe=tiny_pipe, progress=False)
     assert not (tmp_path / "q2").exists()  # refused before anything was made
+
+
+def test_table3_figure_shows_at_most_36_queries_spread_over_all(monkeypatch, tmp_path):
+    import pandas as pd
+
+    from lorafind_utils import figures
+
+    seen = {}
+    monkeypatch.setattr(figures, "table_png", lambda cells, header, path, title, **kw: seen.update(cells=cells, **kw) or path)
+    ords = ["1st", "2nd"]
+
+    def df(n):
+        return pd.DataFrame([{"query": f"Image{i}", "correct": "A", "1st": "A", "2nd": "B", "rank_of_correct": 1}
+                             for i in range(1, n + 1)])
+
+    figures.table3_png(df(360), ords, "Over 360 queries.", tmp_path / "t.png")
+    labels = [c[0] for c in seen["cells"]]
+    assert len(labels) == 36 and labels[0] == "Image1" and labels[-1] == "Image360" and len(set(labels)) == 36
+    assert seen["caption"].startswith("36 of the 360 queries shown") and len(seen["highlight_cells"]) == 36
+    figures.table3_png(df(12), ords, "Over 12 queries.", tmp_path / "t.png")
+    assert [c[0] for c in seen["cells"]] == [f"Image{i}" for i in range(1, 13)] and seen["caption"] == "Over 12 queries."
