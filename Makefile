@@ -1,11 +1,12 @@
 # make study  -- create .venv if missing, install, run the whole study (PROFILE=tiny by default)
 # make test   -- create .venv if missing, install, run the test suite
+# make lint   -- ruff (configured in pyproject.toml)
 PROFILE ?= tiny
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install study test bench clean-runs
+.PHONY: install study test lint bench clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ study: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/lorafind bench synth --profile $(PROFILE)

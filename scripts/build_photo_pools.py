@@ -75,11 +75,40 @@ SKIMAGE = [("hubble_deep_field.jpg", "galaxies", "Public Domain (NASA, HubbleSit
            ("ihc.png", "tissue_stain", "No known copyright restrictions (CMMI; skimage.data docstring)")]
 
 #: sources whose photos become queries (every other source goes to lora_train)
-QUERY_SOURCES = {
-    GNOME + f for f in ["cat-eye.jpg", "chess.jpg", "coffee.jpg", "grapes.jpg", "penguin.jpg", "puppy.jpg",
-                        "sunflower.jpg", "sunset.jpg"]
-} | {OCV + f for f in ["text/scenetext02.jpg", "text/scenetext05.jpg", "dnn_superres/butterfly.png"]} | {f"{TUX}:{n}" for n in ["frog", "owl", "giraffe", "zebra", "koala", "strawberry2", "broccoli", "drumkit",
-                            "Lightbulb", "firetruck", "anemone_red", "rambutan", "walnutBoat"]}
+QUERY_SOURCES = (
+    {
+        GNOME + f
+        for f in [
+            "cat-eye.jpg",
+            "chess.jpg",
+            "coffee.jpg",
+            "grapes.jpg",
+            "penguin.jpg",
+            "puppy.jpg",
+            "sunflower.jpg",
+            "sunset.jpg",
+        ]
+    }
+    | {OCV + f for f in ["text/scenetext02.jpg", "text/scenetext05.jpg", "dnn_superres/butterfly.png"]}
+    | {
+        f"{TUX}:{n}"
+        for n in [
+            "frog",
+            "owl",
+            "giraffe",
+            "zebra",
+            "koala",
+            "strawberry2",
+            "broccoli",
+            "drumkit",
+            "Lightbulb",
+            "firetruck",
+            "anemone_red",
+            "rambutan",
+            "walnutBoat",
+        ]
+    }
+)
 
 
 def phash(im: Image.Image) -> np.ndarray:
@@ -136,15 +165,36 @@ def candidates(root: Path):
         cat = {"animals": "animals", "food": "food", "plants": "plants", "vehicles": "objects"}.get(cat, "objects")
         yield f"{TUX}:/" + str(Path(f).relative_to(root / TUX)), im, name.lower(), cat, L_TUX, 0
     for f in GNOME_FILES:
-        yield GNOME + f, Image.open(root / "gnome-control-center-data/usr/share/pixmaps/faces" / f), Path(f).stem, "objects", L_GNOME, 1
+        yield (
+            GNOME + f,
+            Image.open(root / "gnome-control-center-data/usr/share/pixmaps/faces" / f),
+            Path(f).stem,
+            "objects",
+            L_GNOME,
+            1,
+        )
     for f in OCV_FILES:
-        yield OCV + f, Image.open(root / "opencv-doc/usr/share/doc/opencv-doc/examples" / f), Path(f).stem, "objects", L_OPENCV, 2
+        yield (
+            OCV + f,
+            Image.open(root / "opencv-doc/usr/share/doc/opencv-doc/examples" / f),
+            Path(f).stem,
+            "objects",
+            L_OPENCV,
+            2,
+        )
     for f in GIMP_FILES:
         p = root / "gimp-help-en/usr/share/gimp/2.0/help/en/images" / f
         if p.exists():
             yield GIMP + f, Image.open(p), Path(f).stem, "objects", L_GIMP, 1
     for f in ["5.png", "9.png"]:
-        yield DDE + f, Image.open(root / "dde-account-faces/var/lib/AccountsService/icons/bigger" / f), "photo", "objects", L_DDE, 0
+        yield (
+            DDE + f,
+            Image.open(root / "dde-account-faces/var/lib/AccountsService/icons/bigger" / f),
+            "photo",
+            "objects",
+            L_DDE,
+            0,
+        )
     import skimage
 
     d = Path(skimage.__file__).parent / "data"
@@ -157,7 +207,10 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/tw_root", help="folder with one dpkg-deb -x extraction per package")
     a = ap.parse_args()
     root = Path(a.root)
-    taken = [phash(Image.open(p)) for p in sorted(glob.glob(str(OUT / "variety" / "*.jpg")) + glob.glob(str(OUT / "faces" / "*.jpg")))]
+    taken = [
+        phash(Image.open(p))
+        for p in sorted(glob.glob(str(OUT / "variety" / "*.jpg")) + glob.glob(str(OUT / "faces" / "*.jpg")))
+    ]
     pools = {"lora_train": [], "queries": []}
     dropped = []
     for src, im, subj, cat, lic, extra in candidates(root):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the tiny world (lorafind_utils.tiny_world): a codec, a denoiser, a ControlNet-Canny and 12 style LoRAs
+"""Train the tiny world (scripts/tiny_world.py): a codec, a denoiser, a ControlNet-Canny and 12 style LoRAs
 on real photos, then evaluate them and write the preview grid, the catalog and data/tiny_world/record.json.
 
 Seeded and resumable: every part checkpoints under runs/tiny_world_train/<part>/ (every 100-200 steps), a
@@ -62,9 +62,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     cv2.setNumThreads(1)
-    from lorafind_utils import tiny_world as tw
-    from lorafind_utils.files import write_json_atomic
-    from lorafind_utils.models import quiet_libraries
+    import tiny_world as tw
+
+    from lorafind_utils.core.files import write_json_atomic
+    from lorafind_utils.models.pipelines import quiet_libraries
 
     quiet_libraries()
     progress = not a.no_progress
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         elif part == "strength_probe" and not done("strength_probe"):
             tw.strength_probe(a.seed, progress=progress, device=a.device)
         elif part == "loras":
-            from lorafind_utils.styles import STYLES
+            from lorafind_utils.core.styles import STYLES
 
             todo = [s.lora for s in STYLES.values() if (a.slugs is None or s.lora in a.slugs)
                     and not (tw.RUN_DIR / "loras" / s.lora / "result.json").exists()]
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
 def parse_overrides(items: list[str]) -> dict[str, dict]:
     """``["codec.batch_size=64", ...]`` -> {"codec": {"batch_size": "64"}, ...}, every key and value checked
     against the part's settings (``tiny_world._settings``) before anything trains."""
-    from lorafind_utils import tiny_world as tw
+    import tiny_world as tw
 
     defaults = {"codec": tw.CODEC, "denoiser": tw.DENOISER, "controlnet": tw.CONTROLNET, "loras": tw.LORA}
     out: dict[str, dict] = {part: {} for part in defaults}
@@ -133,8 +134,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 def write_record(tw, threads: int) -> None:
     """data/tiny_world/record.json: per part its steps, training time, final metrics; sha256 of every shipped file."""
-    from lorafind_utils.files import write_json_atomic
-    from lorafind_utils.styles import STYLES
+    from lorafind_utils.core.files import write_json_atomic
+    from lorafind_utils.core.styles import STYLES
 
     def load(p: Path):
         return json.loads(p.read_text()) if p.exists() else None

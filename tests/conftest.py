@@ -5,7 +5,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
 
-from lorafind_utils.config import load_profile
+from lorafind_utils.core.config import load_profile
 
 
 def tiny_overrides(root):
@@ -29,20 +29,20 @@ def tiny_cfg(tiny_root):
 
 @pytest.fixture(scope="session")
 def catalog(tiny_cfg):
-    from lorafind_utils.models import prepare_loras
+    from lorafind_utils.models.pipelines import prepare_loras
 
     return prepare_loras(tiny_cfg)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_cfg, catalog):
-    from lorafind_utils.models import load_pipeline
+    from lorafind_utils.models.pipelines import load_pipeline
 
     return load_pipeline(tiny_cfg, "cpu")
 
 
 @pytest.fixture(scope="session")
 def stage_params(tiny_cfg):
-    from lorafind_utils.config import stage_params
+    from lorafind_utils.core.config import stage_params
 
     return stage_params(tiny_cfg, "01_synthesize")

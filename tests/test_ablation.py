@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lorafind_utils.ablation import run_settings, summarize, table2, write_table2
-from lorafind_utils.config import load_catalog, load_profile
-from lorafind_utils.finetune import make_split
+from lorafind_utils.core.config import load_catalog, load_profile
+from lorafind_utils.stages.ablation import run_settings, summarize, table2, write_table2
+from lorafind_utils.stages.fine_tuning import make_split
 
 N_VARIETY, N_FACES = 10, 8
 
@@ -50,7 +50,10 @@ def test_all_settings_share_one_validation_set_and_faces_train_on_faces(synth_cf
         if r["train_set"] == "faces":  # trains on faces only
             assert all(i.endswith("_face") for i in split["train_ids"])
     # the seed also draws which base images train
-    s0, s1 = (json.loads(open(f"{d}/split.json").read())["train_ids"] for d in df[(df.n == 3) & (df.train_set == "variety")].run_dir)
+    s0, s1 = (
+        json.loads(open(f"{d}/split.json").read())["train_ids"]
+        for d in df[(df.n == 3) & (df.train_set == "variety")].run_dir
+    )
     assert s0 != s1
 
 
@@ -81,7 +84,7 @@ def test_rerun_reproduces_every_number_and_finished_runs_are_reused(synth_cfg):
 
 def test_subset_is_a_seeded_draw_of_the_training_ids(synth_cfg):
     cfg, _ = synth_cfg
-    from lorafind_utils.config import stage_params
+    from lorafind_utils.core.config import stage_params
 
     p = dict(stage_params(cfg, "02_finetune"), n_train=4)
     full = make_split(cfg, dict(p, n_train=0))["train_ids"]
@@ -108,7 +111,9 @@ def test_table2_mean_sd_and_paper_columns_against_hand_computed_values(tmp_path)
     assert list(t["train data"]) == ["100 variety images", "", "70 variety images", "30 variety images",
                                      "70 human face images"]
     r100 = t.iloc[0]
-    assert r100["accuracy_mean"] == pytest.approx(60.0) and r100["accuracy_sd"] == pytest.approx(100 * np.std([0.5, 0.7], ddof=1))
+    assert r100["accuracy_mean"] == pytest.approx(60.0) and r100["accuracy_sd"] == pytest.approx(
+        100 * np.std([0.5, 0.7], ddof=1)
+    )
     assert r100["macro_f1_mean"] == pytest.approx(30.0) and r100["paper_accuracy"] == 79.50
     assert t.iloc[3]["accuracy_sd"] == pytest.approx(10.0) and t.iloc[3]["paper_mrr"] == 60.42
     assert t.iloc[1]["accuracy_mean"] == pytest.approx(100 / 12) and t.iloc[1]["paper_accuracy"] == 8.30
@@ -129,8 +134,19 @@ def test_table2_mean_sd_and_paper_columns_against_hand_computed_values(tmp_path)
 def test_parallel_workers_give_the_same_numbers_as_one_process(synth_cfg):
     """Two spawned workers (one thread each) = the same runs one after another in this process."""
     cfg, _ = synth_cfg
-    cols = ["train_set", "n", "seed", "accuracy", "macro_f1", "mrr", "top3_accuracy", "pretrained_accuracy", "best_epoch",
-            "threads", "val_ids"]
+    cols = [
+        "train_set",
+        "n",
+        "seed",
+        "accuracy",
+        "macro_f1",
+        "mrr",
+        "top3_accuracy",
+        "pretrained_accuracy",
+        "best_epoch",
+        "threads",
+        "val_ids",
+    ]
     settings = [("variety", 5), ("faces", 4)]
     par = run_settings(cfg, settings, seeds=[3], reuse=False, progress=False, workers=2, threads=1)
     seq = run_settings(cfg, settings, seeds=[3], reuse=False, progress=False, workers=1, threads=1)
@@ -144,4 +160,6 @@ def test_parallel_workers_give_the_same_numbers_as_one_process(synth_cfg):
 def test_a_failing_run_in_a_worker_raises_here(synth_cfg):
     cfg, _ = synth_cfg
     with pytest.raises(ValueError, match="n_train=99"):
-        run_settings(cfg, [("variety", 2), ("variety", 99)], seeds=[0], reuse=False, progress=False, workers=2, threads=1)
+        run_settings(
+            cfg, [("variety", 2), ("variety", 99)], seeds=[0], reuse=False, progress=False, workers=2, threads=1
+        )

@@ -20,11 +20,11 @@ import pytest
 from conftest import tiny_overrides
 from PIL import Image
 
-from lorafind_utils import indexing
-from lorafind_utils.classifier import build_model, save_checkpoint
-from lorafind_utils.config import load_catalog, load_profile, project_root, stage_params
-from lorafind_utils.retrieval import Ranker
-from lorafind_utils.style_index import StyleIndex
+from lorafind_utils.core.config import load_catalog, load_profile, project_root, stage_params
+from lorafind_utils.models.classifier import build_model, save_checkpoint
+from lorafind_utils.rank import index_ops as indexing
+from lorafind_utils.rank.classifier_ranker import Ranker
+from lorafind_utils.rank.style_index import StyleIndex
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -63,14 +63,20 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path, request):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     # a trained classifier where stage 02 puts it (random weights: the ranking is still a ranking), stage 01's
     # images of 3 base images (each row's samples) and a style index calibrated so that "none of these" applies
     runs = tmp_path / "runs"
-    overrides = {**tiny_overrides(tiny_root), "runs_dir": str(runs),
-                 "stages": {"01_synthesize": {"sets": ["variety"], "max_images": 3}, "02_finetune": {"val_fraction": 0.34},
-                            "08_index": {"encoder": "imagenet"}}}
+    overrides = {
+        **tiny_overrides(tiny_root),
+        "runs_dir": str(runs),
+        "stages": {
+            "01_synthesize": {"sets": ["variety"], "max_images": 3},
+            "02_finetune": {"val_fraction": 0.34},
+            "08_index": {"encoder": "imagenet"},
+        },
+    }
     cfg = load_profile("standin", overrides)
     slugs = [e["slug"] for e in load_catalog(cfg)]
     save_checkpoint(build_model(len(slugs), hidden=32, weights="none", backbone="efficientnet_lite0", seed=9), slugs,
@@ -101,10 +107,27 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path, request):
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
     log = open(tmp_path / "jupyterlab.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-                               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={nb_dir}",
-                               "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--allow-root", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=nb_dir)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={nb_dir}",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.news_url=",
+            "--allow-root",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=nb_dir,
+    )
     t0 = time.perf_counter()
     try:
         for _ in range(120):
@@ -116,7 +139,9 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path, request):
                     pytest.fail("JupyterLab exited: " + (tmp_path / "jupyterlab.log").read_text()[-2000:])
                 time.sleep(0.5)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/lab/tree/rank_my_image.ipynb?token={token}")
             page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
@@ -143,9 +168,11 @@ def test_upload_in_jupyterlab_shows_the_ranked_loras(tmp_path, request):
             _screenshot(page, tmp_path, "jupyterlab_rank.png")
             # Rank by: style index -> the "none of these" answer above the ranking, with the closest LoRA
             page.locator(".widget-toggle-button", has_text="style index").first.click()
-            page.wait_for_function("(document.querySelector('.lorafind-none-of-these') || {}).innerText"
-                                   " && document.querySelector('.lorafind-none-of-these').innerText.includes('None of these')",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "(document.querySelector('.lorafind-none-of-these') || {}).innerText"
+                " && document.querySelector('.lorafind-none-of-these').innerText.includes('None of these')",
+                timeout=60_000,
+            )
             none_text = page.locator(".lorafind-none-of-these").first.inner_text()
             try:  # the rows are other widgets: they may arrive a moment after the message
                 page.wait_for_function("want => JSON.stringify([...document.querySelectorAll('.lorafind-ranking "

@@ -3,16 +3,16 @@ import json
 import os
 
 import pytest
-import torch
-from safetensors.torch import load_file, save
-
-import lorafind_utils.synthesis as syn
-from lorafind_utils.catalog_import import file_slugs, import_catalog, read_source, slugify
-from lorafind_utils.config import SLUG, load_catalog, load_profile
-
-from conftest import tiny_overrides
 import test_fetch
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file, save
 from test_fetch import FILES, _pickle_bytes
+
+import lorafind_utils.models.restyle as rs
+import lorafind_utils.stages.synthesis as syn
+from lorafind_utils.catalog.bulk_import import file_slugs, import_catalog, read_source, slugify
+from lorafind_utils.core.config import SLUG, load_catalog, load_profile
 
 server, base = test_fetch.server, test_fetch.base  # the loopback "Civitai" server's fixtures
 
@@ -35,13 +35,13 @@ def cfg(tiny_root, tmp_path):
 @pytest.fixture
 def count_restyles(monkeypatch):
     calls = []
-    real = syn.restyle
+    real = rs.restyle
 
     def counting(pipe, prepared, seeds, p, **kw):
         calls.append(len(prepared))
         return real(pipe, prepared, seeds, p, **kw)
 
-    monkeypatch.setattr(syn, "restyle", counting)
+    monkeypatch.setattr(rs, "restyle", counting)
     return calls
 
 
@@ -173,8 +173,8 @@ def test_a_lora_the_engine_refuses_or_fails_is_marked_and_the_others_restyle(cfg
                                                                           monkeypatch):
     """What the Ray engine reports after the other jobs finished (LorasRefused / RestyleFailed) and the
     local engine's LoraError ("<file>: ...") mark just those LoRAs; the rest are restyled."""
-    from lorafind_utils.loras import LoraError
-    from lorafind_utils.ray_engine import LorasRefused, RestyleFailed
+    from lorafind_utils.engines.ray_cluster import LorasRefused, RestyleFailed
+    from lorafind_utils.models.loras import LoraError
 
     src = tmp_path / "mine"
     src.mkdir()
@@ -194,7 +194,9 @@ def test_a_lora_the_engine_refuses_or_fails_is_marked_and_the_others_restyle(cfg
         return real(cfg, params, out_dir, **kw)
 
     monkeypatch.setattr(syn, "synthesize", flaky)
-    s = import_catalog(cfg, src, tmp_path / "import", params=params, pipe=tiny_pipe, progress=False, log=lambda *a: None)
+    s = import_catalog(
+        cfg, src, tmp_path / "import", params=params, pipe=tiny_pipe, progress=False, log=lambda *a: None
+    )
     assert runs == [["anime", "anime_background", "chinese_ink", "disco", "xiaorensu"],
                     ["anime_background", "chinese_ink", "disco"], ["chinese_ink", "disco"], ["disco"]]
     st = {k: v["status"] for k, v in s["loras"].items()}
@@ -206,7 +208,9 @@ def test_a_lora_the_engine_refuses_or_fails_is_marked_and_the_others_restyle(cfg
     assert s["loras"]["disco"]["step"] == "restyled" and len(list((tmp_path / "import" / "synth").rglob("*.png"))) == 2
     # a rerun retries the failed LoRA only (refusals are final)
     monkeypatch.setattr(syn, "synthesize", real)
-    s = import_catalog(cfg, src, tmp_path / "import", params=params, pipe=tiny_pipe, progress=False, log=lambda *a: None)
+    s = import_catalog(
+        cfg, src, tmp_path / "import", params=params, pipe=tiny_pipe, progress=False, log=lambda *a: None
+    )
     assert s["loras"]["anime"] == {"status": "ok", "step": "restyled"} and (s["ok"], s["refused"]) == (2, 3)
     assert [e["slug"] for e in json.loads((tmp_path / "import" / "synth" / "manifest.json").read_text())["loras"]] == [
         "anime", "disco"]

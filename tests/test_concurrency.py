@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_overrides
 from PIL import Image
 
-from lorafind_utils import indexing, layout
-from lorafind_utils.cli import main
-from lorafind_utils.config import load_profile
-from lorafind_utils.files import RunLocked
-from lorafind_utils.style_index import StyleIndex
-
-from conftest import tiny_overrides
+from lorafind_utils.app.cli import main
+from lorafind_utils.core import layout
+from lorafind_utils.core.config import load_profile
+from lorafind_utils.core.files import RunLocked
+from lorafind_utils.rank import index_ops as indexing
+from lorafind_utils.rank.style_index import StyleIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW = 0.4  # seconds added after each index load and before each save in the children
@@ -31,9 +31,9 @@ CHILD = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
 
-    import lorafind_utils.indexing, lorafind_utils.lora_training
-    from lorafind_utils.cli import main
-    from lorafind_utils.style_index import StyleIndex
+    import lorafind_utils.rank.index_ops, lorafind_utils.models.lora_training
+    from lorafind_utils.app.cli import main
+    from lorafind_utils.rank.style_index import StyleIndex
 
     slow = float(os.environ.get("LORAFIND_TEST_SLOW", "0"))
     if slow:  # widen the read -> save window (the race is the same, only easier to hit)
@@ -54,10 +54,10 @@ CHILD = textwrap.dedent("""
     if job["kind"] == "cli":
         sys.exit(main(job["argv"]))
     elif job["kind"] == "register":
-        from lorafind_utils.lora_training import register
+        from lorafind_utils.stages.style_lora import register
         register(job["catalog"], job["base"], job["trained"], job["lora_dir"])
     elif job["kind"] == "hold":  # hold the index lock until told to let go
-        with lorafind_utils.indexing.index_lock(Path(job["folder"])):
+        with lorafind_utils.rank.index_ops.index_lock(Path(job["folder"])):
             Path(job["held"]).touch()
             while not Path(job["release"]).exists():
                 time.sleep(0.01)
@@ -220,7 +220,7 @@ def test_two_registers_into_one_catalog_both_land(tmp_path):
         assert (lora_dir / e["file"]).read_bytes() == n.encode() * 100
     # a later register with one of them again replaces that entry, keeps the other
     (tmp_path / "run_a_kohya.safetensors").write_bytes(b"v2")
-    from lorafind_utils.lora_training import register
+    from lorafind_utils.stages.style_lora import register
 
     register(catalog, base, [{**jobs["run_a"]["trained"][0]}], lora_dir)
     entries = yaml.safe_load(catalog.read_text())["loras"]

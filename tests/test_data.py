@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from lorafind_utils.config import load_profile, resolve
-from lorafind_utils.images import read_base_set
+from lorafind_utils.core.config import load_profile, resolve
+from lorafind_utils.core.images import read_base_set
 
 
 def _check(name, minimum):

@@ -16,26 +16,66 @@ import pytest
 import torch
 
 from lorafind_utils import dryrun as D
-from lorafind_utils import sd15_configs as C
-from lorafind_utils.loras import check_lora_against_model, inspect_lora
+from lorafind_utils.dryrun import cost, fixtures
+from lorafind_utils.models import hub_configs as C
+from lorafind_utils.models.loras import check_lora_against_model, inspect_lora
 
-TINY_UNET = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1, in_channels=4, out_channels=4,
-                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-TINY_CONFIGS = D.ModelConfigs(
+TINY_UNET = dict(
+    sample_size=8,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_CONFIGS = fixtures.ModelConfigs(
     unet=TINY_UNET,
     vae=dict(C.SD15_VAE_CONFIG, block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=64),
     # SD1.5's legacy bos/eos/pad ids 0/2/1 are kept: the pooled output then takes the argmax token
-    text_encoder=dict(C.SD15_TEXT_ENCODER_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                      num_hidden_layers=2, projection_dim=32),
-    controlnet=dict(C.SD15_CONTROLNET_CANNY_CONFIG, block_out_channels=[32, 64], layers_per_block=1,
-                    down_block_types=TINY_UNET["down_block_types"], cross_attention_dim=32),
-    clip={"projection_dim": 16, "logit_scale_init_value": 2.6592,
-          "text_config": dict(C.CLIP_VIT_L14_TEXT_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                              num_hidden_layers=2, projection_dim=16),
-          "vision_config": dict(C.CLIP_VIT_L14_VISION_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=16)},
-    clip_processor=dict(C.CLIP_VIT_L14_PROCESSOR_CONFIG, crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32}),
+    text_encoder=dict(
+        C.SD15_TEXT_ENCODER_CONFIG,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+    ),
+    controlnet=dict(
+        C.SD15_CONTROLNET_CANNY_CONFIG,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        down_block_types=TINY_UNET["down_block_types"],
+        cross_attention_dim=32,
+    ),
+    clip={
+        "projection_dim": 16,
+        "logit_scale_init_value": 2.6592,
+        "text_config": dict(
+            C.CLIP_VIT_L14_TEXT_CONFIG,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=16,
+        ),
+        "vision_config": dict(
+            C.CLIP_VIT_L14_VISION_CONFIG,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        ),
+    },
+    clip_processor=dict(
+        C.CLIP_VIT_L14_PROCESSOR_CONFIG, crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32}
+    ),
 )
 #: the paper profile at 64 px (its other settings as the dry run leaves them)
 TINY_EXTRA = {"stages": {"01_synthesize": {"resolution": 64}, "02_finetune": {"image_size": 64},
@@ -54,11 +94,11 @@ def test_snapshot_configs_have_published_parameter_counts():
 
 
 def test_full_size_stand_in_loras_have_the_real_key_sets(tmp_path):
-    unet, te = D.meta_models()
+    unet, te = fixtures.meta_models()
     made = {}
-    for spec in D.LORAS:
+    for spec in fixtures.LORAS:
         path = tmp_path / f"{spec.slug}.safetensors"
-        made[spec.slug] = D.make_lora_file(spec, path, unet, te)
+        made[spec.slug] = fixtures.make_lora_file(spec, path, unet, te)
         info = inspect_lora(path)
         touched = check_lora_against_model(info, unet, te)
         made[spec.slug].update(layout=info.layout, touched=touched, rank=info.rank, modules_in_file=len(info.modules))
@@ -73,7 +113,7 @@ def test_full_size_stand_in_loras_have_the_real_key_sets(tmp_path):
 
 
 def test_flop_counts_match_the_known_architectures():
-    f = D.measure_flops()
+    f = cost.measure_flops()
     T = 1e12
     assert f["unet_step"] / T == pytest.approx(0.803, rel=0.01)  # ~0.40 TMACs per 64x64-latent step
     assert f["controlnet_step"] / T == pytest.approx(0.283, rel=0.01)
@@ -82,20 +122,20 @@ def test_flop_counts_match_the_known_architectures():
     # backward through layer3 + layer4 + head only (the paper's trainable part): ~2x, not 3x, the forward
     assert 1.8 < f["resnet_train_image"] / f["resnet_eval_image"] < 2.3
     assert 2.0 < f["lora_train_step"] / f["unet_step_plain"] < 2.3
-    per = D.per_image_flops(f, 20, 0.8)
+    per = cost.per_image_flops(f, 20, 0.8)
     assert per == f["text_encoder"] + f["vae_encode"] + 16 * (f["unet_step"] + f["controlnet_step"]) + f["vae_decode"]
-    work = D.paper_workload(f)
-    est = D.gpu_estimate(f, work, "A100 40GB", 0.35)
+    work = cost.paper_workload(f)
+    est = cost.gpu_estimate(f, work, "A100 40GB", 0.35)
     assert work["total"] == sum(s["flops"] for s in work["stages"].values())
     assert 0.5 < est["implied_img_per_s"] < 1.5  # the published 0.7-1.1 images/s is in reach at 35 %
     assert est["total_h"] == pytest.approx(work["total"] / (312e12 * 0.35) / 3600)
 
 
 def test_overrides_keep_the_paper_settings_and_cut_counts(tmp_path):
-    from lorafind_utils.config import load_profile
+    from lorafind_utils.core.config import load_profile
 
-    paths = D.dryrun_paths(tmp_path)
-    cfg = load_profile("paper", D.overrides(paths, D.DEFAULT))
+    paths = fixtures.dryrun_paths(tmp_path)
+    cfg = load_profile("paper", D.overrides(paths, fixtures.DEFAULT))
     s = cfg["stages"]
     assert cfg["name"] == "paper" and cfg["models"]["kind"] == "hub" and cfg["device"] == "cpu"
     assert s["01_synthesize"]["resolution"] == 512 and s["01_synthesize"]["strength"] == 0.8
@@ -103,18 +143,18 @@ def test_overrides_keep_the_paper_settings_and_cut_counts(tmp_path):
     assert s["02_finetune"]["weights"] == str(paths.resnet)
     assert s["05_retrieve_thumbnails"]["make_queries"] is False
     assert s["07_train_style_lora"]["resolution"] == 512 and s["07_train_style_lora"]["ranks"] == [4]
-    dev = "\n".join(D.deviations(D.overrides(paths, D.DEFAULT)))
+    dev = "\n".join(D.deviations(D.overrides(paths, fixtures.DEFAULT)))
     for untouched in ("resolution", "image_size", "backbone", "strength", "guidance_scale", "lr"):
         assert f".{untouched}:" not in dev
     with pytest.raises(ValueError, match="sizes"):
-        D.Counts(images=4, sizes=(4,)).check()
+        fixtures.Counts(images=4, sizes=(4,)).check()
 
 
 def test_stage_disk_follows_the_runner_log(tmp_path, monkeypatch):
     """The per-stage disk numbers hang on the runner's log lines: run_study's real messages must match."""
     import papermill
 
-    from lorafind_utils import runner
+    from lorafind_utils.engines import runner
 
     nb_dir = tmp_path / "nbs"
     nb_dir.mkdir()
@@ -139,16 +179,16 @@ def test_stage_disk_follows_the_runner_log(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dryrun(tmp_path_factory):
     root = tmp_path_factory.mktemp("dryrun")
-    paths = D.dryrun_paths(root)
-    D.prepare_models(paths, configs=TINY_CONFIGS, log=lambda m: None)
-    D.prepare_loras(paths, D.SMOKE, configs=TINY_CONFIGS)
-    D.prepare_images(paths, D.SMOKE)
+    paths = fixtures.dryrun_paths(root)
+    fixtures.prepare_models(paths, configs=TINY_CONFIGS, log=lambda m: None)
+    fixtures.prepare_loras(paths, fixtures.SMOKE, configs=TINY_CONFIGS)
+    fixtures.prepare_images(paths, fixtures.SMOKE)
     return paths
 
 
 def test_snapshot_layout_is_the_hub_one_and_loads_offline(tiny_dryrun):
-    from lorafind_utils.config import load_profile
-    from lorafind_utils.models import load_pipeline
+    from lorafind_utils.core.config import load_profile
+    from lorafind_utils.models.pipelines import load_pipeline
 
     base = tiny_dryrun.base
     for f in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
@@ -159,7 +199,7 @@ def test_snapshot_layout_is_the_hub_one_and_loads_offline(tiny_dryrun):
     sched = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "PNDMScheduler" and sched["clip_sample"] is False  # the hub's file, as it is
     with D.environment(tiny_dryrun):
-        cfg = load_profile("paper", D.overrides(tiny_dryrun, D.SMOKE, extra=TINY_EXTRA))
+        cfg = load_profile("paper", D.overrides(tiny_dryrun, fixtures.SMOKE, extra=TINY_EXTRA))
         pipe = load_pipeline(cfg, "cpu")
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
@@ -169,7 +209,7 @@ def test_snapshot_layout_is_the_hub_one_and_loads_offline(tiny_dryrun):
 def test_planted_hub_weights_serve_the_paper_metric_networks(tiny_dryrun):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from lorafind_utils import style_metrics as sm
+    from lorafind_utils.models import style_metrics as sm
 
     with D.environment(tiny_dryrun):
         FrechetInceptionDistance(feature=sm.feature_extractor("inception"))
@@ -179,17 +219,18 @@ def test_planted_hub_weights_serve_the_paper_metric_networks(tiny_dryrun):
 @pytest.mark.slow
 def test_paper_path_at_tiny_size(tiny_dryrun):
     """Stages 01-07 of the paper profile on the dry run's preparation, 64 px."""
-    from lorafind_utils import layout, stages
-    from lorafind_utils.config import load_profile
+    from lorafind_utils import stages
+    from lorafind_utils.core import layout
+    from lorafind_utils.core.config import load_profile
 
     with D.environment(tiny_dryrun):
-        cfg = load_profile("paper", D.overrides(tiny_dryrun, D.SMOKE, extra=TINY_EXTRA))
+        cfg = load_profile("paper", D.overrides(tiny_dryrun, fixtures.SMOKE, extra=TINY_EXTRA))
         out = {}
         for stage in stages.STAGES:
             out[stage] = stages.run(stage, cfg, progress=False, log=lambda m: None)
     assert len(out["01_synthesize"]["manifest"]["items"]) == 4 * 3 * 2
     assert out["02_finetune"]["metrics"]["backbone"].startswith("resnet50 (weights from ")
-    assert len(out["05_retrieve_thumbnails"]["pairs"]) == 4 * D.SMOKE.thumbnails
+    assert len(out["05_retrieve_thumbnails"]["pairs"]) == 4 * fixtures.SMOKE.thumbnails
     assert out["07_train_style_lora"]["feature_net"] == cfg["stages"]["07_train_style_lora"]["feature_net"]
     assert layout.figure(cfg, "table2.md").exists() and layout.figure(cfg, "style_lora_ranks.md").exists()
 
@@ -210,11 +251,11 @@ def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
 
 def test_stage07_refuses_one_eval_prompt_before_training(tiny_dryrun):
     """Found by the dry run: with one prompt FID/KID failed only after every rank had trained."""
-    from lorafind_utils import layout
-    from lorafind_utils.config import load_profile, stage_params
-    from lorafind_utils.lora_training import run_sweep
+    from lorafind_utils.core import layout
+    from lorafind_utils.core.config import load_profile, stage_params
+    from lorafind_utils.stages.style_lora import run_sweep
 
-    cfg = load_profile("paper", D.overrides(tiny_dryrun, D.SMOKE, extra=TINY_EXTRA))
+    cfg = load_profile("paper", D.overrides(tiny_dryrun, fixtures.SMOKE, extra=TINY_EXTRA))
     p = dict(stage_params(cfg, "07_train_style_lora"), eval_prompts=["one prompt"], run_name="one_prompt")
     with pytest.raises(ValueError, match="eval_prompts"):
         run_sweep(cfg, p, progress=False)
@@ -229,7 +270,7 @@ def test_stage07_refuses_one_eval_prompt_before_training(tiny_dryrun):
 def test_paper_metric_networks_are_dependencies():
     import tomllib
 
-    from lorafind_utils.config import load_profile, project_root
+    from lorafind_utils.core.config import load_profile, project_root
 
     deps = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]["dependencies"]
     assert load_profile("paper")["stages"]["07_train_style_lora"]["feature_net"] == "inception"
@@ -240,7 +281,7 @@ def test_paper_metric_networks_are_dependencies():
 def test_small_catalogs_get_every_run_metric(k):
     import numpy as np
 
-    from lorafind_utils.metrics import RUN_METRICS, classification_metrics
+    from lorafind_utils.core.metrics import RUN_METRICS, classification_metrics
 
     labels = np.arange(2 * k) % k
     scores = np.eye(k)[(labels + 1) % k] + 0.1
@@ -250,11 +291,11 @@ def test_small_catalogs_get_every_run_metric(k):
 
 
 def test_zero_denoising_steps_are_refused_before_anything_is_written(tiny_dryrun, tmp_path):
-    from lorafind_utils import layout
-    from lorafind_utils.config import load_profile, stage_params
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.core import layout
+    from lorafind_utils.core.config import load_profile, stage_params
+    from lorafind_utils.stages.synthesis import synthesize
 
-    cfg = load_profile("paper", D.overrides(tiny_dryrun, D.SMOKE, extra=TINY_EXTRA))
+    cfg = load_profile("paper", D.overrides(tiny_dryrun, fixtures.SMOKE, extra=TINY_EXTRA))
     p = dict(stage_params(cfg, "01_synthesize"), steps=1, max_images=1)
     out = tmp_path / "synth"
     with pytest.raises(ValueError, match="steps"):
@@ -264,12 +305,13 @@ def test_zero_denoising_steps_are_refused_before_anything_is_written(tiny_dryrun
 
 def test_stage06_and_queries_refuse_zero_denoising_steps(tiny_dryrun):
     """Found by the dry run (steps 1 x strength 0.8): stages 05/06 name the two values before loading anything."""
-    from lorafind_utils.config import load_profile, stage_params
-    from lorafind_utils.generation import figure8_rows, make_queries
-    from lorafind_utils.models import check_denoising_steps
+    from lorafind_utils.core.config import load_profile, stage_params
+    from lorafind_utils.models.pipelines import check_denoising_steps
+    from lorafind_utils.stages.generation import figure8_rows
+    from lorafind_utils.stages.retrieval import make_queries
 
     assert check_denoising_steps(20, 0.8) == 16
-    cfg = load_profile("paper", D.overrides(tiny_dryrun, D.SMOKE, extra=TINY_EXTRA))
+    cfg = load_profile("paper", D.overrides(tiny_dryrun, fixtures.SMOKE, extra=TINY_EXTRA))
     p01 = dict(stage_params(cfg, "01_synthesize"), steps=1)
     with pytest.raises(ValueError, match=r"stage 06.*steps 1 x strength 0.8"):
         figure8_rows(cfg, {"queries": []}, [], None, 0, p01, ranker=None, pipe="not loaded")

@@ -11,14 +11,21 @@ import torch
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
-from lorafind_utils import download as download_mod
-from lorafind_utils import fetch as fetch_mod
-from lorafind_utils.civitai import fetch_thumbnails
-from lorafind_utils.config import load_profile
-from lorafind_utils.download import DiskFullError, FetchError, HashMismatchError, download
-from lorafind_utils.fetch import (BASE_MODEL_PATTERNS, CONTROLNET_PATTERNS, fetch, fetch_loras, fetch_models,
-                                  fetch_resnet50_weights, needed_items)
-from lorafind_utils.loras import inspect_lora
+from lorafind_utils.catalog import fetch as fetch_mod
+from lorafind_utils.catalog.civitai import fetch_thumbnails
+from lorafind_utils.catalog.fetch import (
+    BASE_MODEL_PATTERNS,
+    CONTROLNET_PATTERNS,
+    fetch,
+    fetch_loras,
+    fetch_models,
+    fetch_resnet50_weights,
+    needed_items,
+)
+from lorafind_utils.core import download as download_mod
+from lorafind_utils.core.config import load_profile
+from lorafind_utils.core.download import DiskFullError, FetchError, HashMismatchError, download
+from lorafind_utils.models.loras import inspect_lora
 
 TOKEN = "good-token"
 SECRET = "s3cr3t-token"
@@ -188,10 +195,15 @@ def sha(data: bytes) -> str:
 
 
 def test_fetch_errors_make_the_cli_exit_2_with_the_message(monkeypatch, capsys):
-    import lorafind_utils.fetch as fetch_mod
-    from lorafind_utils.cli import main
+    import lorafind_utils.catalog.fetch as fetch_mod
+    from lorafind_utils.app.cli import main
 
-    for err in (FetchError("anime: HTTP 404"), HashMismatchError("anime: SHA-256 mismatch"), DiskFullError("disk full")):
+    for err in (
+        FetchError("anime: HTTP 404"),
+        HashMismatchError("anime: SHA-256 mismatch"),
+        DiskFullError("disk full"),
+    ):
+
         def failing(cfg, what=None, err=err):
             raise err
 
@@ -510,8 +522,8 @@ def _tree(folder):
 
 
 def test_fetch_thumbnails_downloads_images_writes_manifest_and_skips_on_rerun(base, server, tmp_path, monkeypatch):
-    from lorafind_utils.config import load_catalog
-    from lorafind_utils.retrieval import read_queries
+    from lorafind_utils.core.config import load_catalog
+    from lorafind_utils.stages.retrieval import read_queries
 
     monkeypatch.setenv("CIVITAI_TOKEN", SECRET)
     api = f"{base}/api/v1"

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorafind_utils import sd15_configs as C
-from lorafind_utils.loras import LoraError, check_lora_against_model, inspect_lora
+from lorafind_utils.models import hub_configs as C
+from lorafind_utils.models.loras import LoraError, check_lora_against_model, inspect_lora
 
 KOHYA_UNET = ("Transformer2DModel",)
 KOHYA_UNET_CONV = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -259,7 +259,9 @@ def test_diffusers_loader_wraps_every_module_of_a_full_kohya_file(sd15, locon):
         assert wrapped["unet"]["down_blocks.0.resnets.0.conv1"].lora_A["x"].kernel_size == (3, 3)
 
 
-@pytest.mark.parametrize("te_prefix", ["text_encoder.text_model.", "text_encoder."], ids=["transformers4", "transformers5"])
+@pytest.mark.parametrize(
+    "te_prefix", ["text_encoder.text_model.", "text_encoder."], ids=["transformers4", "transformers5"]
+)
 def test_full_diffusers_peft_file_maps_and_loads(sd15, tmp_path, te_prefix):
     unet, te = sd15
     mods = sd15_modules(unet, te)
@@ -298,7 +300,7 @@ def test_dora_magnitudes_that_diffusers_does_not_load_are_refused(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorafind_utils.loras import load_lora
+    from lorafind_utils.models.loras import load_lora
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
@@ -333,7 +335,9 @@ def test_dora_magnitudes_that_diffusers_does_not_load_are_refused(tmp_path):
     else:  # diffusers 0.42.1 + transformers 5.x: the text encoder's DoRA magnitudes stay at their init value
         with pytest.raises(LoraError, match=r"did not load the DoRA magnitudes of 12 modules, e\.g\. 'text_encoder\."):
             load_lora(p, both, "db")
-        assert not any("db" in getattr(m, "lora_A", {}) for m in list(p.unet.modules()) + list(p.text_encoder.modules()))
+        assert not any(
+            "db" in getattr(m, "lora_A", {}) for m in list(p.unet.modules()) + list(p.text_encoder.modules())
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +467,10 @@ def test_sdxl_lora_in_diffusers_format_is_named(tmp_path, sd15, sdxl):
 
 def test_sd2_lora_is_named_at_full_size(sd15, sd21, tmp_path):
     mods = sd15_modules(*sd21)
-    assert (sum(c == "unet" for c, _, _ in mods.values()), sum(c == "text_encoder" for c, _, _ in mods.values())) == (192, 138)
+    assert (sum(c == "unet" for c, _, _ in mods.values()), sum(c == "text_encoder" for c, _, _ in mods.values())) == (
+        192,
+        138,
+    )
     sd = kohya_state_dict(mods)
     assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (RANK, 320)  # linear proj_in
     info = inspect_lora(save(sd, tmp_path / "sd2.safetensors"))
@@ -517,7 +524,9 @@ def test_full_size_truncated_download_names_the_byte_counts(sd15, tmp_path):
         inspect_lora(cut)
     head = tmp_path / "head.safetensors"
     head.write_bytes(data[:50_000])  # the download stopped inside the JSON header
-    with pytest.raises(LoraError, match=r"not a safetensors file, or truncated \(header says \d+ bytes, file has 50000\)"):
+    with pytest.raises(
+        LoraError, match=r"not a safetensors file, or truncated \(header says \d+ bytes, file has 50000\)"
+    ):
         inspect_lora(head)
 
 
@@ -526,8 +535,8 @@ def test_sd15_lora_with_ldm_block_names_is_refused_with_the_right_hint(tmp_path)
     diffusers' SD1.5 loader; the message says why instead of calling it an SD 1.x LoRA that does not fit."""
     from safetensors.torch import save_file
 
-    from lorafind_utils.loras import LoraError, check_lora_against_model, inspect_lora
-    from lorafind_utils.sd15_configs import meta_sd15_text_encoder, meta_sd15_unet
+    from lorafind_utils.models.hub_configs import meta_sd15_text_encoder, meta_sd15_unet
+    from lorafind_utils.models.loras import LoraError, check_lora_against_model, inspect_lora
 
     sd = {}
     for key, (i, o) in {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (768, 320),

@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
-from lorafind_utils import download as download_mod
-from lorafind_utils.cli import main
-from lorafind_utils.config import CatalogError, load_catalog, load_profile
-from lorafind_utils.download import token_for
-from lorafind_utils.files import RunLocked, atomic_path, run_lock
-
 from conftest import tiny_overrides
+from PIL import Image
 from test_fetch import FILES, TOKEN, _entry, _paper_cfg, base, server  # noqa: F401 (fixtures)
+
+from lorafind_utils.app.cli import main
+from lorafind_utils.core import download as download_mod
+from lorafind_utils.core.config import CatalogError, load_catalog, load_profile
+from lorafind_utils.core.download import token_for
+from lorafind_utils.core.files import RunLocked, atomic_path, run_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +56,8 @@ def test_a_hostile_catalog_entry_is_refused_when_loaded_naming_it(tmp_path, case
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_no_writer_writes_outside_its_folder_for_a_hostile_catalog(tmp_path, base, case, capsys):  # noqa: F811
     """stage 01 (which builds the tiny LoRA files), fetch (LoRA files) and the thumbnail fetcher."""
-    from lorafind_utils.civitai import fetch_thumbnails
-    from lorafind_utils.fetch import fetch_loras
+    from lorafind_utils.catalog.civitai import fetch_thumbnails
+    from lorafind_utils.catalog.fetch import fetch_loras
 
     entry = {**HOSTILE[case], "seed": 101, "rank": 4, "alpha": 4, "strength": 1.0, "layout": "lora",
              "url": f"{base}/file/a", "civitai_version_id": 501}
@@ -103,8 +102,8 @@ def test_the_token_is_for_civitais_hosts_only():
 
 def test_no_token_reaches_a_host_that_a_catalog_names(base, server, tmp_path, monkeypatch):  # noqa: F811
     """The loopback server poses as a LoRA host; with the default allow-list it never sees the token."""
-    from lorafind_utils.civitai import fetch_thumbnails
-    from lorafind_utils.fetch import fetch_loras
+    from lorafind_utils.catalog.civitai import fetch_thumbnails
+    from lorafind_utils.catalog.fetch import fetch_loras
 
     monkeypatch.setattr(download_mod, "TOKEN_HOSTS", ("civitai.com",))  # the shipped allow-list
     monkeypatch.setenv("CIVITAI_TOKEN", TOKEN)
@@ -155,7 +154,7 @@ def test_two_processes_writing_one_file_neither_fail_nor_tear(tmp_path):
 
 
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tiny_cfg, catalog, stage_params, tmp_path):
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     out = tmp_path / "synth"
     with run_lock(out, "stage 01"):
@@ -166,7 +165,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tiny_cfg, c
 
 
 def test_params_json_is_written_only_after_the_parameters_pass(tiny_cfg, catalog, stage_params, tmp_path):
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     out = tmp_path / "synth"
     with pytest.raises(ValueError, match="unknown base-image set 'nope'"):
@@ -178,11 +177,12 @@ def test_params_json_is_written_only_after_the_parameters_pass(tiny_cfg, catalog
 
 KILLER = textwrap.dedent("""
     import os, signal, sys, yaml
-    import lorafind_utils.synthesis as syn
-    from lorafind_utils.config import load_profile, stage_params
+    import lorafind_utils.models.restyle as rs
+    from lorafind_utils.core.config import load_profile, stage_params
+    from lorafind_utils.stages.synthesis import synthesize
     cfg = load_profile(sys.argv[1])
     p = dict(stage_params(cfg, "01_synthesize"), sets=["variety"], max_images=6, batch_size=4, workers=1, threads=1)
-    real, n = syn.atomic_path, [0]
+    real, n = rs.atomic_path, [0]
     class Killing:
         def __init__(self, path):
             self.cm = real(path)
@@ -194,15 +194,15 @@ KILLER = textwrap.dedent("""
             if n[0] == int(sys.argv[3]):
                 os.kill(os.getpid(), signal.SIGKILL)  # a kill between two images of one batch
             return out
-    syn.atomic_path = Killing
-    syn.synthesize(cfg, p, sys.argv[2], progress=False, workers=1)
+    rs.atomic_path = Killing
+    synthesize(cfg, p, sys.argv[2], progress=False, workers=1)
 """)
 
 
 def test_a_synthesis_killed_mid_batch_resumes_byte_identical(tiny_root, catalog, tmp_path):
     """Killed after the 5th image (the 1st of the 2nd batch, batches of 4): the resumed run redoes that
     whole batch, so every PNG equals an uninterrupted run's -- whatever the CPU's summation order."""
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     prof = tmp_path / "p.yaml"
     prof.write_text(yaml.safe_dump(load_profile("standin", tiny_overrides(tiny_root))))
@@ -211,10 +211,10 @@ def test_a_synthesis_killed_mid_batch_resumes_byte_identical(tiny_root, catalog,
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert len(list(killed.rglob("*.png"))) == 5 and not (killed / "manifest.json").exists()
     cfg = load_profile(prof)
-    from lorafind_utils.config import stage_params
+    from lorafind_utils.core.config import stage_params
 
     p = dict(stage_params(cfg, "01_synthesize"), sets=["variety"], max_images=6, batch_size=4, workers=1, threads=1)
-    import lorafind_utils.synthesis as syn
+    import lorafind_utils.models.restyle as syn  # where stage 01's batches call restyle
 
     calls = []
     real = syn.restyle
@@ -240,7 +240,7 @@ def test_a_synthesis_killed_mid_batch_resumes_byte_identical(tiny_root, catalog,
 
 
 def test_a_truncated_image_is_made_again_not_trusted(tiny_cfg, catalog, stage_params, tmp_path, capsys):
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     out = tmp_path / "synth"
     p = {**stage_params, "sets": ["variety"], "max_images": 2}
@@ -273,9 +273,9 @@ def _train_cfg(tmp_path):
 
 
 def test_an_interrupted_training_run_leaves_the_previous_run_whole(tmp_path, monkeypatch):
-    import lorafind_utils.finetune as ft
-    from lorafind_utils.config import stage_params
-    from lorafind_utils.retrieval import Ranker
+    import lorafind_utils.stages.fine_tuning as ft
+    from lorafind_utils.core.config import stage_params
+    from lorafind_utils.rank.classifier_ranker import Ranker
 
     cfg = _train_cfg(tmp_path)
     p = stage_params(cfg, "02_finetune")
@@ -303,7 +303,7 @@ def test_an_interrupted_training_run_leaves_the_previous_run_whole(tmp_path, mon
 
 @pytest.fixture
 def trained(tmp_path):
-    from lorafind_utils.classifier import build_model, save_checkpoint
+    from lorafind_utils.models.classifier import build_model, save_checkpoint
 
     cfg = load_profile("standin", {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")})
     slugs = [e["slug"] for e in load_catalog(cfg)]
@@ -333,9 +333,9 @@ def test_a_broken_checkpoint_is_named_with_how_to_rebuild(trained, capsys, damag
     assert main(["rank", str(img), "--profile", str(prof)]) == 2
     err = capsys.readouterr().err
     assert __import__("re").search(expect, err) and "Traceback" not in err
-    from lorafind_utils.widget import RankWidget
-
     from test_widget import _upload
+
+    from lorafind_utils.app.widget import RankWidget
 
     w = RankWidget(cfg)
     w.upload.value = _upload(img.read_bytes())  # the upload handler runs: shown in the panel, not raised
@@ -346,7 +346,7 @@ def test_a_broken_checkpoint_is_named_with_how_to_rebuild(trained, capsys, damag
                                              ("{garbage", r"manifest\.json is not valid JSON.*run stage 01"),
                                              ("[1, 2]", r"manifest\.json is not a stage-01 manifest")])
 def test_a_missing_or_garbage_manifest_says_run_stage_01(tmp_path, manifest, expect):
-    from lorafind_utils.classifier import load_synth_set
+    from lorafind_utils.models.classifier import load_synth_set
 
     (tmp_path / "synth").mkdir()
     if manifest is not None:
@@ -356,7 +356,7 @@ def test_a_missing_or_garbage_manifest_says_run_stage_01(tmp_path, manifest, exp
 
 
 def test_a_truncated_restyled_image_is_named_by_stage_02(tmp_path):
-    from lorafind_utils.classifier import load_synth_set
+    from lorafind_utils.models.classifier import load_synth_set
 
     cfg = _train_cfg(tmp_path)
     slugs = [e["slug"] for e in load_catalog(cfg)]
@@ -367,7 +367,7 @@ def test_a_truncated_restyled_image_is_named_by_stage_02(tmp_path):
 
 
 def test_a_valid_100_megapixel_png_is_accepted_as_the_readme_promises(tmp_path):
-    from lorafind_utils.images import load_rgb
+    from lorafind_utils.core.images import load_rgb
 
     big = tmp_path / "big.png"
     Image.new("L", (10_000, 10_000), 77).save(big)  # 100 MP, above Pillow's 89.5 MP warning
@@ -375,8 +375,8 @@ def test_a_valid_100_megapixel_png_is_accepted_as_the_readme_promises(tmp_path):
 
 
 def test_the_upload_limit_counts_the_bytes_received_not_the_declared_size():
-    from lorafind_utils.images import ImageError
-    from lorafind_utils.widget import MAX_UPLOAD_BYTES, RankWidget
+    from lorafind_utils.app.widget import MAX_UPLOAD_BYTES, RankWidget
+    from lorafind_utils.core.images import ImageError
 
     liar = ({"name": "x.png", "size": 10, "content": b"\0" * (MAX_UPLOAD_BYTES + 1)},)
     with pytest.raises(ImageError, match="too large"):
@@ -392,7 +392,7 @@ def test_top_must_be_positive(trained, capsys):
 
 def test_rank_into_head_has_no_broken_pipe_error(trained):
     _, prof, _, img = trained
-    cmd = f"{sys.executable} -m lorafind_utils.cli rank {' '.join([str(img)] * 400)} --profile {prof} | head -n 2"
+    cmd = f"{sys.executable} -m lorafind_utils.app.cli rank {' '.join([str(img)] * 400)} --profile {prof} | head -n 2"
     r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr[-1500:]
     assert "Broken pipe" not in r.stderr and "Traceback" not in r.stderr

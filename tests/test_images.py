@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorafind_utils.images import ImageError, load_rgb, read_base_set
+from lorafind_utils.core.images import ImageError, load_rgb, read_base_set
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -62,6 +62,8 @@ def test_manifest_must_match_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
     with pytest.raises(FileNotFoundError, match="manifest.csv"):
         read_base_set(tmp_path)
-    (tmp_path / "manifest.csv").write_text("file,subject,category,source,license\na.jpg,x,objects,test,CC0\nc.jpg,y,objects,test,CC0\n")
+    (tmp_path / "manifest.csv").write_text(
+        "file,subject,category,source,license\na.jpg,x,objects,test,CC0\nc.jpg,y,objects,test,CC0\n"
+    )
     with pytest.raises(ValueError, match=r"missing \(e.g. \['c.jpg'\]\).*not listed \(e.g. \['b.jpg'\]\)"):
         read_base_set(tmp_path)

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_overrides
 from PIL import Image
 
-from lorafind_utils import indexing, layout
-from lorafind_utils.cli import main
-from lorafind_utils.config import load_profile
-from lorafind_utils.loras import LoraError
-from lorafind_utils.style_index import IndexEntryExists, IndexFileError, StyleIndex
-
-from conftest import tiny_overrides
+from lorafind_utils.app.cli import main
+from lorafind_utils.core import layout
+from lorafind_utils.core.config import load_profile
+from lorafind_utils.models.loras import LoraError
+from lorafind_utils.rank import index_ops as indexing
+from lorafind_utils.rank.style_index import IndexEntryExists, IndexFileError, StyleIndex
 
 FAST = {"08_index": {"encoder": "imagenet", "compare": ["imagenet"], "epochs": 1, "seeds": [0], "folds": 0,
                      "add_images": 3, "open_set_images": 2, "latency_queries": 2}}
@@ -23,13 +23,23 @@ FAST = {"08_index": {"encoder": "imagenet", "compare": ["imagenet"], "epochs": 1
 @pytest.fixture(scope="module")
 def world(tiny_root, catalog, tmp_path_factory):
     """Stage 01 on 6 base images with the tiny models, and the profile's index built over it."""
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     root = tmp_path_factory.mktemp("index")
-    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(root / "runs"), "figures_dir": str(root / "fig"),
-                                "stages": {**FAST, "01_synthesize": {"sets": ["variety"], "max_images": 6},
-                                           "02_finetune": {"val_fraction": 0.34}}})
-    from lorafind_utils.config import stage_params
+    cfg = load_profile(
+        "standin",
+        {
+            **tiny_overrides(tiny_root),
+            "runs_dir": str(root / "runs"),
+            "figures_dir": str(root / "fig"),
+            "stages": {
+                **FAST,
+                "01_synthesize": {"sets": ["variety"], "max_images": 6},
+                "02_finetune": {"val_fraction": 0.34},
+            },
+        },
+    )
+    from lorafind_utils.core.config import stage_params
 
     synthesize(cfg, stage_params(cfg, "01_synthesize"), progress=False, workers=1)
     built = indexing.build(cfg, progress=False, log=lambda *a: None)
@@ -72,8 +82,14 @@ def test_a_lora_is_found_by_its_own_images_and_the_index_reloads_after_an_add(wo
                       progress=False, log=lambda *a: None)
     ix = StyleIndex.load(built["folder"])
     ids = layout.read_synth_manifest(synth)["sets"]["variety"][:3]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(layout.synth_image(synth, "variety", "disco", i)).convert("RGB")))
-                     .permute(2, 0, 1) for i in ids])
+    x = torch.stack(
+        [
+            torch.from_numpy(
+                np.array(Image.open(layout.synth_image(synth, "variety", "disco", i)).convert("RGB"))
+            ).permute(2, 0, 1)
+            for i in ids
+        ]
+    )
     want = indexing.lora_vectors(built["encoder"], x, "prototype")
     assert float(ix.entry("disco").vector @ want) > 0.995 and ix.entry("disco").meta["n_images"] == 3
     indexing.remove(cfg, "disco_again", log=lambda *a: None)
@@ -109,7 +125,7 @@ def test_a_crash_mid_add_keeps_the_previous_index(world, catalog, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed while restyling")
 
-    monkeypatch.setattr("lorafind_utils.synthesis.restyle", boom)
+    monkeypatch.setattr("lorafind_utils.models.restyle.restyle", boom)
     with pytest.raises(RuntimeError):
         indexing.add_lora(cfg, catalog[0]["path"], name="half_added", progress=False, log=lambda *a: None)
     assert {p.name: p.read_bytes() for p in built["folder"].iterdir()} == before
@@ -157,7 +173,7 @@ def test_rank_json_carries_match_and_index_errors_are_clear(world, tmp_path, cap
 
 def test_the_trained_encoder_learns_and_reloads_identically(world, tmp_path):
     cfg, _, _ = world
-    from lorafind_utils.style_encoder import load_trained
+    from lorafind_utils.models.style_encoder import load_trained
 
     sd = indexing.load_style_data(cfg)
     enc = indexing.make_encoder(cfg, "trained", sd, seed=0, folder=tmp_path / "enc", progress=False)

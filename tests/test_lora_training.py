@@ -5,14 +5,15 @@ import torch
 from PIL import Image
 
 from lorafind_utils import resolve
-from lorafind_utils.lora_training import (
-    StyleDataError, check_ranks, make_demo_style_set, read_style_set, register, split_style_set, train_lora,
-)
+from lorafind_utils.models.lora_training import StyleDataError, check_ranks, read_style_set, split_style_set, train_lora
+from lorafind_utils.stages.style_lora import make_demo_style_set, register
 
 
 @pytest.fixture(scope="module")
 def style_set(tmp_path_factory):
-    d = make_demo_style_set(resolve("data/images/variety"), tmp_path_factory.mktemp("style") / "set", n=8, resolution=32)
+    d = make_demo_style_set(
+        resolve("data/images/variety"), tmp_path_factory.mktemp("style") / "set", n=8, resolution=32
+    )
     return read_style_set(d, resolution=32)
 
 
@@ -25,7 +26,9 @@ def test_style_set_problems_are_reported_before_training(tmp_path):
     (d / "captions.csv").write_text("file,caption\nimg0.png,a\nimg1.png,b\nimg2.png,c\nbroken.png,d\nghost.png,e\n")
     with pytest.raises(StyleDataError) as e:
         read_style_set(d)
-    assert "captions name missing images: ghost.png" in str(e.value) and "broken.png: not a readable image" in str(e.value)
+    assert "captions name missing images: ghost.png" in str(e.value) and "broken.png: not a readable image" in str(
+        e.value
+    )
     (d / "broken.png").unlink()
     (d / "captions.csv").write_text("file,caption\nimg0.png,a\nimg1.png,b\nimg2.png,c\n")
     with pytest.raises(StyleDataError, match="3 usable images, at least 4"):
@@ -36,7 +39,10 @@ def test_style_set_problems_are_reported_before_training(tmp_path):
     (d / "captions.csv").unlink()
     with pytest.raises(StyleDataError, match="no captions.csv"):
         read_style_set(d, min_images=3)
-    assert read_style_set(d, "{name}, in the style of {style}", "ink", min_images=3)[0].caption == "img0, in the style of ink"
+    assert (
+        read_style_set(d, "{name}, in the style of {style}", "ink", min_images=3)[0].caption
+        == "img0, in the style of ink"
+    )
     for bad in (0, -4, 2.5, "8", True):
         with pytest.raises(ValueError, match="not a positive integer"):
             check_ranks([4, bad])
@@ -46,7 +52,9 @@ def test_style_set_problems_are_reported_before_training(tmp_path):
 def _pipe(cfg):
     from diffusers import StableDiffusionPipeline
 
-    p = StableDiffusionPipeline.from_pretrained(cfg["models"]["base"], safety_checker=None, requires_safety_checker=False)
+    p = StableDiffusionPipeline.from_pretrained(
+        cfg["models"]["base"], safety_checker=None, requires_safety_checker=False
+    )
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -57,11 +65,21 @@ def _gen(pipe):
 
 
 def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(tiny_cfg, catalog, style_set, tmp_path):
-    from lorafind_utils.loras import inspect_lora, load_lora
+    from lorafind_utils.models.loras import inspect_lora, load_lora
 
     train, _ = split_style_set(style_set, 0.25, 0)
-    res = train_lora(tiny_cfg["models"]["base"], train, tmp_path / "r4", rank=4, alpha=8, steps=40, lr=2e-3, batch_size=4,
-                     checkpoint_every=20, progress=False)
+    res = train_lora(
+        tiny_cfg["models"]["base"],
+        train,
+        tmp_path / "r4",
+        rank=4,
+        alpha=8,
+        steps=40,
+        lr=2e-3,
+        batch_size=4,
+        checkpoint_every=20,
+        progress=False,
+    )
     losses = [h["loss"] for h in res["history"]]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert inspect_lora(res["kohya"]).layout == "kohya" and inspect_lora(res["kohya"]).rank == 4
@@ -77,13 +95,13 @@ def test_training_lowers_the_loss_and_both_layouts_load_back_to_the_same_output(
     np.testing.assert_allclose(with_kohya, with_peft, atol=1e-4)  # the two layouts are the same LoRA (alpha 8, scale 2)
     cat_path = register(tmp_path / "catalog.yaml", catalog, [{**res, "slug": "duo_r4", "name": "duotone r4"}],
                         tiny_cfg["lora_dir"])
-    from lorafind_utils.config import load_catalog
+    from lorafind_utils.core.config import load_catalog
 
     cat = load_catalog({**tiny_cfg, "catalog": str(cat_path)})
     assert cat[-1]["slug"] == "duo_r4" and len(cat) == len(catalog) + 1
     assert open(cat[-1]["path"], "rb").read() == open(res["kohya"], "rb").read()  # copied into lora_dir
     # stage 01 can use the registered catalog: the seeded stand-ins stay as they are, the trained LoRA is a file
-    from lorafind_utils.models import prepare_loras
+    from lorafind_utils.models.pipelines import prepare_loras
 
     before = {e["slug"]: open(e["path"], "rb").read() for e in catalog}
     ready = prepare_loras({**tiny_cfg, "catalog": str(cat_path)})
@@ -113,7 +131,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_cfg, catalog, style_s
 def test_min_snr_weights_match_the_hand_computed_schedule():
     from diffusers import DDPMScheduler
 
-    from lorafind_utils.lora_training import min_snr_weights
+    from lorafind_utils.models.lora_training import min_snr_weights
 
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # SD1.5's scaled-linear schedule
     abar = np.cumprod(1 - betas)
@@ -124,7 +142,9 @@ def test_min_snr_weights_match_the_hand_computed_schedule():
     np.testing.assert_allclose(w, np.minimum(snr[t], 5.0) / snr[t], rtol=1e-4)
     assert w[0] < 0.01 and w[-1] == pytest.approx(1.0)  # nearly-clean steps weigh little, noisy ones fully
     v = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
-    np.testing.assert_allclose(min_snr_weights(v, t, 5.0).double().numpy(), np.minimum(snr[t], 5.0) / (snr[t] + 1), rtol=1e-4)
+    np.testing.assert_allclose(
+        min_snr_weights(v, t, 5.0).double().numpy(), np.minimum(snr[t], 5.0) / (snr[t] + 1), rtol=1e-4
+    )
 
 
 def test_timestep_window_and_snr_gamma_are_checked_and_part_of_the_run(tiny_cfg, catalog, style_set, tmp_path):
@@ -177,7 +197,7 @@ def _imgs(n, seed, shift=0):
 
 
 def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_a_shift():
-    from lorafind_utils.style_metrics import fid_kid
+    from lorafind_utils.models.style_metrics import fid_kid
 
     a = _imgs(12, 0)
     same = fid_kid(a, a, TinyFeatures(), subset_size=6)
@@ -195,7 +215,7 @@ def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_a_shift():
 
 def test_one_real_set_scored_against_many_sets_equals_fresh_metrics():
     """FidKid keeps the real set's features across calls: each call equals a fresh fid_kid."""
-    from lorafind_utils.style_metrics import FidKid, fid_kid
+    from lorafind_utils.models.style_metrics import FidKid, fid_kid
 
     a = _imgs(12, 0)
     fk = FidKid(a, TinyFeatures(), subset_size=6)
@@ -206,7 +226,7 @@ def test_one_real_set_scored_against_many_sets_equals_fresh_metrics():
 
 
 def test_inception_score_known_cases():
-    from lorafind_utils.style_metrics import inception_score
+    from lorafind_utils.models.style_metrics import inception_score
 
     # every image gets the same prediction: p(y|x) = p(y), KL = 0, IS = 1
     assert inception_score(_imgs(8, 1), TinyLogits(fixed=[1.0, 2.0, 3.0]))["is"] == pytest.approx(1.0)
@@ -218,7 +238,7 @@ def test_inception_score_known_cases():
 
 
 def test_lpips_is_zero_for_identical_images_and_grows_with_distortion():
-    from lorafind_utils.style_metrics import lpips_model, lpips_to_set
+    from lorafind_utils.models.style_metrics import lpips_model, lpips_to_set
 
     m = lpips_model("random")
     a = _imgs(1, 2).repeat(1, 1, 4, 4)  # 64 px: LPIPS' AlexNet needs some size
@@ -226,11 +246,15 @@ def test_lpips_is_zero_for_identical_images_and_grows_with_distortion():
     b = (a.int() + 30).clamp(0, 255).to(torch.uint8)
     assert lpips_to_set(b, a, lpips_model("random")) == lpips_to_set(b, a, m)
     assert lpips_to_set(a, a, m) == pytest.approx(0.0, abs=1e-6)
-    assert 0 < lpips_to_set((a.int() + 30).clamp(0, 255).to(torch.uint8), a, m) < lpips_to_set(_imgs(1, 9).repeat(1, 1, 4, 4), a, m)
+    assert (
+        0
+        < lpips_to_set((a.int() + 30).clamp(0, 255).to(torch.uint8), a, m)
+        < lpips_to_set(_imgs(1, 9).repeat(1, 1, 4, 4), a, m)
+    )
 
 
 def test_clip_score_formula_against_hand_computed_embeddings():
-    from lorafind_utils.style_metrics import clip_score
+    from lorafind_utils.models.style_metrics import clip_score
 
     class FakeClip:
         def get_image_features(self, pixel_values):
@@ -240,7 +264,10 @@ def test_clip_score_formula_against_hand_computed_embeddings():
             return torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
 
     def proc(text, images, **kw):
-        return {"pixel_values": torch.zeros(len(images), 3, 2, 2), "input_ids": torch.zeros(len(text), 3, dtype=torch.long)}
+        return {
+            "pixel_values": torch.zeros(len(images), 3, 2, 2),
+            "input_ids": torch.zeros(len(text), 3, dtype=torch.long),
+        }
 
     # cos = 1 and cos = -1/sqrt(2) (clamped to 0): mean of 100 and 0
     assert clip_score(_imgs(2, 3), ["a", "b"], FakeClip(), proc) == pytest.approx(50.0)
@@ -249,7 +276,7 @@ def test_clip_score_formula_against_hand_computed_embeddings():
 def test_bridge_start_is_img2img_starting_point_and_x0_weights_are_one_there():
     from diffusers import DDPMScheduler
 
-    from lorafind_utils.lora_training import bridge_targets, x0_weights
+    from lorafind_utils.models.lora_training import bridge_targets, x0_weights
 
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     g = torch.Generator().manual_seed(0)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafind_utils.loras import LoraError, check_lora_against_model, inspect_lora, load_lora
-from lorafind_utils.synthesis import restyle, prepare_base_images
-from lorafind_utils.images import read_base_set
-from lorafind_utils.config import resolve
+from lorafind_utils.core.config import resolve
+from lorafind_utils.core.images import read_base_set
+from lorafind_utils.models.loras import LoraError, check_lora_against_model, inspect_lora, load_lora
+from lorafind_utils.models.restyle import prepare_base_images, restyle
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,10 @@ def test_loaded_weights_equal_hand_merged_lora(tiny_pipe, catalog):
     expected = w0 + sd[f"{key}.alpha"] / r * sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"]
     # fuse + unfuse restores the weights only to float precision: put the exact ones back after,
     # so that later tests on this session-wide pipeline are not perturbed
-    saved = {name: {k: v.clone() for k, v in getattr(tiny_pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+    saved = {
+        name: {k: v.clone() for k, v in getattr(tiny_pipe, name).state_dict().items()}
+        for name in ("unet", "text_encoder")
+    }
     try:
         load_lora(tiny_pipe, e["path"], e["slug"])
         tiny_pipe.fuse_lora(lora_scale=1.0)

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from lorafind_utils.metrics import classification_metrics, mean_reciprocal_rank, ranks_of_truth
+from lorafind_utils.core.metrics import classification_metrics, mean_reciprocal_rank, ranks_of_truth
 
 
 def test_hand_computed_case():

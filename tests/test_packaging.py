@@ -7,7 +7,7 @@ import nbformat
 import tomllib
 import yaml
 
-from lorafind_utils.config import load_profile, stage_params
+from lorafind_utils.core.config import load_profile, stage_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,9 @@ def test_notebooks_are_thin():
     for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
         for c in nbformat.read(p, as_version=4).cells:
             if c.cell_type == "code":
-                assert not re.search(r"^\s*(def|class)\s", c.source, re.M), f"{p.name}: move functions into lorafind_utils"
+                assert not re.search(r"^\s*(def|class)\s", c.source, re.M), (
+                    f"{p.name}: move functions into lorafind_utils"
+                )
 
 
 def test_readme_opens_with_the_two_commands():

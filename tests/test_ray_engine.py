@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from lorafind_utils.config import load_profile
-from lorafind_utils.synthesis import synthesize
-
 from conftest import tiny_overrides
+
+from lorafind_utils.core.config import load_profile
+from lorafind_utils.stages.synthesis import synthesize
 
 LORAS = ("anime", "disco", "pop_art")  # a plain LoRA, a LoCon, a strong one
 
@@ -38,7 +37,7 @@ ARM = args["arm"]
 
 
 def kill_hook():
-    import lorafind_utils.synthesis as syn
+    import lorafind_utils.models.restyle as syn
     real, calls = syn.restyle, {"n": 0}
 
     def restyle(*a, **k):
@@ -62,7 +61,7 @@ def kill_hook():
             with open(ARM + ".loads", "a") as f:
                 f.write(slug + "\n")
             if slug == "anime":
-                from lorafind_utils.loras import LoraError
+                from lorafind_utils.models.loras import LoraError
                 raise LoraError("anime.safetensors: diffusers applied 1 of 2 modules in the file (test)")
             if slug == "disco":
                 raise RuntimeError("boom (test)")
@@ -75,8 +74,8 @@ t = time.perf_counter()
 ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
          _temp_dir=args["ray_tmp"], runtime_env={"worker_process_setup_hook": kill_hook}, log_to_driver=False)
 init_s = time.perf_counter() - t
-from lorafind_utils import ray_engine
-from lorafind_utils.synthesis import synthesize
+from lorafind_utils.engines import ray_cluster as ray_engine
+from lorafind_utils.stages.synthesis import synthesize
 
 out = {"init_s": init_s, "runs": {}}
 for name in ("plain", "killed"):

@@ -11,11 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
-from lorafind_utils.classifier import build_model, save_checkpoint
-from lorafind_utils.cli import main
-from lorafind_utils.config import load_catalog, load_profile
-from lorafind_utils.images import ImageError
-from lorafind_utils.retrieval import Query, Ranker, Ranking, evaluate_queries, retrieval_metrics, table3, write_table3
+from lorafind_utils.app.cli import main
+from lorafind_utils.core.config import load_catalog, load_profile
+from lorafind_utils.core.images import ImageError
+from lorafind_utils.models.classifier import build_model, save_checkpoint
+from lorafind_utils.rank.classifier_ranker import Ranker, Ranking, retrieval_metrics
+from lorafind_utils.stages.retrieval import Query, evaluate_queries, table3, write_table3
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def _huge_png(path, w=40000, h=40000):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    )
 
 
 def _formats(d):
@@ -71,10 +74,12 @@ def test_ranking_is_a_permutation_of_the_catalog_with_scores_summing_to_one(rank
     alone = ranker.rank([files["webp"]])[0]
     assert alone.slugs == rankings[4].slugs and alone.scores == pytest.approx(rankings[4].scores, abs=1e-6)
     # EXIF rotation is applied: orientation 6 means "rotate 90° clockwise to display"
-    from lorafind_utils.images import square_resize
+    from lorafind_utils.core.images import square_resize
 
     stored = Image.open(files["exif"]).convert("RGB")  # the pixels as stored, unrotated
-    upright = torch.from_numpy(np.asarray(square_resize(stored.transpose(Image.Transpose.ROTATE_270), 32)).copy()).permute(2, 0, 1)
+    upright = torch.from_numpy(
+        np.asarray(square_resize(stored.transpose(Image.Transpose.ROTATE_270), 32)).copy()
+    ).permute(2, 0, 1)
     as_stored = torch.from_numpy(np.asarray(square_resize(stored, 32)).copy()).permute(2, 0, 1)
     got = ranker.preprocess(files["exif"])
     assert torch.equal(got, upright) and not torch.equal(got, as_stored)
@@ -89,11 +94,15 @@ def test_bad_query_images_get_clear_errors(ranker_env, tmp_path):
     Image.new("RGB", (50, 50), (200, 10, 10)).save(good)
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
     _huge_png(tmp_path / "bomb.png")
-    for name, msg in [("empty.png", "empty file"), ("notes.jpg", "not a readable image"), ("cut.png", "not a readable image"),
-                      ("bomb.png", "too large to decode safely")]:
+    for name, msg in [
+        ("empty.png", "empty file"),
+        ("notes.jpg", "not a readable image"),
+        ("cut.png", "not a readable image"),
+        ("bomb.png", "too large to decode safely"),
+    ]:
         with pytest.raises(ImageError, match=msg):
             ranker.rank([tmp_path / name])
-    r = subprocess.run([sys.executable, "-m", "lorafind_utils.cli", "rank", str(good), str(tmp_path / "bomb.png"),
+    r = subprocess.run([sys.executable, "-m", "lorafind_utils.app.cli", "rank", str(good), str(tmp_path / "bomb.png"),
                         "--profile", str(prof), "--top", "3"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bomb.png" in r.stderr and "too large" in r.stderr
     assert "ok.png" in r.stdout and r.stdout.count("%") == 3  # the good image was still ranked
@@ -123,9 +132,16 @@ def test_retrieval_metrics_match_a_hand_computed_case():
 def test_table3_marks_the_correct_lora(tmp_path):
     catalog = [{"slug": s, "short": s.upper()} for s in "abcdefghij"]
     slugs = list("abcdefghij")
-    pairs = [(Query("a/1", tmp_path / "1.png", "a", "text-to-image: 'x'"), Ranking("a/1", slugs, [s.upper() for s in slugs], [0.1] * 10)),
-             (Query("c/1", tmp_path / "2.png", "c", "img2img from faces"),
-              Ranking("c/1", slugs[::-1], [s.upper() for s in slugs[::-1]], [0.1] * 10))]
+    pairs = [
+        (
+            Query("a/1", tmp_path / "1.png", "a", "text-to-image: 'x'"),
+            Ranking("a/1", slugs, [s.upper() for s in slugs], [0.1] * 10),
+        ),
+        (
+            Query("c/1", tmp_path / "2.png", "c", "img2img from faces"),
+            Ranking("c/1", slugs[::-1], [s.upper() for s in slugs[::-1]], [0.1] * 10),
+        ),
+    ]
     t = table3(pairs, catalog)
     assert list(t["rank_of_correct"]) == [1, 8] and t.loc[0, "1st"] == "A" and t.loc[1, "8th"] == "C"
     m = evaluate_queries(pairs, 10)
@@ -140,7 +156,10 @@ def test_table3_marks_the_correct_lora(tmp_path):
     pairs5 = [(Query("a/1", tmp_path / "1.png", "b", ""), Ranking("a/1", list("abcde"), list("ABCDE"), [0.2] * 5))]
     t5 = table3(pairs5, few)
     assert "5th" in t5.columns and "6th" not in t5.columns
-    assert "| Image1 | A | **B** | C | D | E | 2 |" in open(write_table3(t5, retrieval_metrics([2]), tmp_path / "t5")["md"]).read()
+    assert (
+        "| Image1 | A | **B** | C | D | E | 2 |"
+        in open(write_table3(t5, retrieval_metrics([2]), tmp_path / "t5")["md"]).read()
+    )
 
 
 def test_style_similarity_is_one_for_identical_images_and_lower_for_another_style(ranker_env, tmp_path):
@@ -162,7 +181,12 @@ def test_generate_cli_applies_the_lora(tiny_cfg, catalog, tmp_path, capsys):
     outs = []
     for lora in ("disco", "cloudy"):
         out = tmp_path / f"{lora}.png"
-        assert main(["generate", "--profile", str(prof), "--lora", lora, "--image", base, "--seed", "3", "--out", str(out)]) == 0
+        assert (
+            main(
+                ["generate", "--profile", str(prof), "--lora", lora, "--image", base, "--seed", "3", "--out", str(out)]
+            )
+            == 0
+        )
         outs.append(np.asarray(Image.open(out), dtype=np.int16))
     assert outs[0].shape == (64, 64, 3) and np.abs(outs[0] - outs[1]).mean() > 1  # the LoRA changes the output
     assert main(["generate", "--profile", str(prof), "--lora", "nope", "--image", base]) == 2
@@ -172,11 +196,10 @@ def test_generate_cli_applies_the_lora(tiny_cfg, catalog, tmp_path, capsys):
 def test_style_samples_are_unseen_photos_in_the_entrys_true_style(tiny_cfg, catalog, tiny_pipe, tiny_root, tmp_path):
     from conftest import tiny_overrides
 
-    from lorafind_utils.config import stage_params
-    from lorafind_utils.generation import make_queries
-    from lorafind_utils.images import load_rgb, read_base_set, square_resize
-    from lorafind_utils.retrieval import read_queries
-    from lorafind_utils.styles import get_style
+    from lorafind_utils.core.config import stage_params
+    from lorafind_utils.core.images import load_rgb, read_base_set, square_resize
+    from lorafind_utils.core.styles import get_style
+    from lorafind_utils.stages.retrieval import make_queries, read_queries
 
     data = yaml.safe_load(open(tiny_cfg["catalog"]))
     styles = {"anime": "cartoon", "xiaorensu": "sepia print"}
@@ -213,10 +236,12 @@ def test_style_samples_are_unseen_photos_in_the_entrys_true_style(tiny_cfg, cata
 def test_table3_figure_shows_at_most_36_queries_spread_over_all(monkeypatch, tmp_path):
     import pandas as pd
 
-    from lorafind_utils import figures
+    from lorafind_utils.core import figures
 
     seen = {}
-    monkeypatch.setattr(figures, "table_png", lambda cells, header, path, title, **kw: seen.update(cells=cells, **kw) or path)
+    monkeypatch.setattr(
+        figures, "table_png", lambda cells, header, path, title, **kw: seen.update(cells=cells, **kw) or path
+    )
     ords = ["1st", "2nd"]
 
     def df(n):
@@ -228,4 +253,6 @@ def test_table3_figure_shows_at_most_36_queries_spread_over_all(monkeypatch, tmp
     assert len(labels) == 36 and labels[0] == "Image1" and labels[-1] == "Image360" and len(set(labels)) == 36
     assert seen["caption"].startswith("36 of the 360 queries shown") and len(seen["highlight_cells"]) == 36
     figures.table3_png(df(12), ords, "Over 12 queries.", tmp_path / "t.png")
-    assert [c[0] for c in seen["cells"]] == [f"Image{i}" for i in range(1, 13)] and seen["caption"] == "Over 12 queries."
+    assert [c[0] for c in seen["cells"]] == [f"Image{i}" for i in range(1, 13)] and seen[
+        "caption"
+    ] == "Over 12 queries."

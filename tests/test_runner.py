@@ -3,12 +3,11 @@ import json
 
 import nbformat
 import pytest
+from conftest import tiny_overrides
 from PIL import Image
 
-from lorafind_utils.records import read_records, scrub
-from lorafind_utils.runner import StageFailed, discover_notebooks, run_study, select
-
-from conftest import tiny_overrides
+from lorafind_utils.core.records import read_records, scrub
+from lorafind_utils.engines.runner import StageFailed, discover_notebooks, run_study, select
 
 
 def test_select_only_and_from():
@@ -57,14 +56,41 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert metrics["n_val"] == 12 * len(split["val_ids"]) and metrics["n_train"] == 12 * len(split["train_ids"])
     assert {"finetuned", "pretrained", "linear_probe"} <= set(metrics) and "ImageNet weights" in metrics["backbone"]
     assert metrics["backbone_name"] == "efficientnet_lite0"
-    assert 0 <= metrics["finetuned"]["accuracy"] <= 1 and metrics["finetuned"]["mrr"] >= metrics["finetuned"]["accuracy"]
-    assert (tr / "model.safetensors").exists() and json.loads((tr / "labels.json").read_text())["classes"] == [e["slug"] for e in catalog]
+    assert (
+        0 <= metrics["finetuned"]["accuracy"] <= 1 and metrics["finetuned"]["mrr"] >= metrics["finetuned"]["accuracy"]
+    )
+    assert (tr / "model.safetensors").exists() and json.loads((tr / "labels.json").read_text())["classes"] == [
+        e["slug"] for e in catalog
+    ]
     assert len((tr / "history.csv").read_text().splitlines()) == 1 + metrics["finetuned"]["epochs_run"]
-    for f in ("figure6_curves.png", "confusion_matrix.png", "table2_rows12.csv", "table2_rows12.md", "ablation_sizes.png",
-              "domain_vs_variety.png", "table2.csv", "table2.md", "table2.png", "table3.csv", "table3.md", "table3.png",
-              "retrieval_examples.png", "figure8.png", "style_lora_ranks.csv", "style_lora_ranks.md", "style_lora_loss.png",
-              "style_lora_grid.png", "style_lora_base_vs_ft.png", "style_lora_metrics.png", "index_methods.md",
-              "index_methods.png", "index_open_set.md", "index_open_set.png", "index_costs.md", "index_style_lora.md"):
+    for f in (
+        "figure6_curves.png",
+        "confusion_matrix.png",
+        "table2_rows12.csv",
+        "table2_rows12.md",
+        "ablation_sizes.png",
+        "domain_vs_variety.png",
+        "table2.csv",
+        "table2.md",
+        "table2.png",
+        "table3.csv",
+        "table3.md",
+        "table3.png",
+        "retrieval_examples.png",
+        "figure8.png",
+        "style_lora_ranks.csv",
+        "style_lora_ranks.md",
+        "style_lora_loss.png",
+        "style_lora_grid.png",
+        "style_lora_base_vs_ft.png",
+        "style_lora_metrics.png",
+        "index_methods.md",
+        "index_methods.png",
+        "index_open_set.md",
+        "index_open_set.png",
+        "index_costs.md",
+        "index_style_lora.md",
+    ):
         assert (fig / f).exists(), f
     # stage 07's LoRAs joined (copies of) the index from their kohya files and were ranked for held-out style images
     s08 = json.loads((runs / "index" / "results" / "stage08.json").read_text())["style_lora"]
@@ -88,8 +114,11 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
         assert sorted(x["lora"] for x in q["ranking"]) == slugs
         assert sum(x["score"] for x in q["ranking"]) == pytest.approx(1, abs=1e-4)
     used = set(split["train_ids"]) | set(split["val_ids"])
-    bases = {q["base_image"].split("/")[1] for q in json.loads((runs / "thumbnails" / "manifest.json").read_text())["queries"]
-             if "base_image" in q}
+    bases = {
+        q["base_image"].split("/")[1]
+        for q in json.loads((runs / "thumbnails" / "manifest.json").read_text())["queries"]
+        if "base_image" in q
+    }
     assert bases and not bases & used
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     synth_hashes = {digest(p) for p in (runs / "synth").rglob("*.png")}
@@ -105,7 +134,8 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert [r["model"] for r in sweep["rows"]] == ["base", "base", "rank 2", "rank 2"]
     assert all({"fid", "kid", "lpips", "clip", "is"} <= set(r) for r in sweep["rows"])
     assert (runs / "style_lora" / "style_lora" / "rank2" / "lora_kohya.safetensors").exists()
-    # stage 08: the index rows against the classifier's on the same queries; the saved index answers `rank --method index`
+    # stage 08: the index rows against the classifier's on the same queries;
+    # the saved index answers `rank --method index`
     methods = pd.read_csv(fig / "index_methods.csv")
     assert len(methods) == 3 and methods["method"].iloc[-1].startswith("classifier")
     assert methods["top1_mean"].iloc[-1] == pytest.approx(100 * ranked["metrics"]["all"]["top1"])
@@ -117,7 +147,7 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
     assert len(list((runs / "synth" / "variety").rglob("*.png"))) == 36
     grid = Image.open(fig / "synthesis_grid_variety.png")
     assert grid.size[0] > 100
-    from lorafind_utils.files import tree_bytes
+    from lorafind_utils.core.files import tree_bytes
 
     r01 = next(r for r in read_records(runs / "records.jsonl") if r["stage"] == "01_synthesize")
     assert r01["disk_written_mb"] >= round(tree_bytes(runs / "synth") / 2**20, 1) > 0  # its images at least
@@ -128,14 +158,24 @@ def test_study_runs_all_notebooks_end_to_end(tiny_root, catalog, tmp_path, monke
 
 
 def test_failure_names_notebook_and_cell(tmp_path):
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell("profile = 'tiny'  # p\noverrides = {}  # o", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("raise RuntimeError('stage exploded')")]
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'tiny'  # p\noverrides = {}  # o", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("raise RuntimeError('stage exploded')"),
+    ]
     d = tmp_path / "nbs"
     d.mkdir()
     nbformat.write(nb, d / "01_broken.ipynb")
     with pytest.raises(StageFailed, match=r"01_broken.ipynb failed in cell \d.*RuntimeError: stage exploded"):
-        run_study("tiny", overrides={"runs_dir": str(tmp_path / "r")}, notebooks_dir=d, output_dir=tmp_path / "o", log=lambda *a: None)
+        run_study(
+            "tiny",
+            overrides={"runs_dir": str(tmp_path / "r")},
+            notebooks_dir=d,
+            output_dir=tmp_path / "o",
+            log=lambda *a: None,
+        )
     rec = read_records(tmp_path / "r" / "records.jsonl")[-1]
     assert rec["status"] == "failed" and "stage exploded" in rec["error"]

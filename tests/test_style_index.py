@@ -1,4 +1,4 @@
-"""Tests of the faiss-backed LoRA style index (lorafind_utils.style_index) and its benchmark helpers."""
+"""Tests of the faiss-backed LoRA style index (lorafind_utils.rank.style_index) and its benchmark helpers."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,18 @@ import faiss
 import numpy as np
 import pytest
 
-from lorafind_utils import style_index
-from lorafind_utils.index_bench import bench_index, choose_kind, clustered_prototypes, recall_at_k, write_bench_table
-from lorafind_utils.style_index import (INDEX_FILE, META_FILE, VECTORS_FILE, IndexEntryExists, IndexFileError,
-                                        StyleIndex, UnknownEntry)
+from lorafind_utils.bench.index_scale import bench_index, clustered_prototypes, recall_at_k, write_bench_table
+from lorafind_utils.rank import faiss_kinds, style_index
+from lorafind_utils.rank.faiss_kinds import choose_kind
+from lorafind_utils.rank.style_index import (
+    INDEX_FILE,
+    META_FILE,
+    VECTORS_FILE,
+    IndexEntryExists,
+    IndexFileError,
+    StyleIndex,
+    UnknownEntry,
+)
 
 DIM = 32
 ENC = {"name": "clip-test", "backbone": "vit-b32", "dim": DIM, "sha256": "a" * 64}
@@ -282,12 +290,11 @@ def test_crash_between_folder_renames_reads_old_then_recovers(tmp_path):
 
 
 def test_save_during_load_gives_new_index_not_a_mix(tmp_path, monkeypatch):
-    from lorafind_utils import style_index
 
     old, _ = filled(n=10)
     folder = old.save(tmp_path / "idx")
     new, _ = filled(n=12, seed=7)
-    real, calls = style_index._parse_meta, []
+    real, calls = style_index.parse_meta, []
 
     def parse_then_swap(*a, **k):
         meta = real(*a, **k)
@@ -296,7 +303,7 @@ def test_save_during_load_gives_new_index_not_a_mix(tmp_path, monkeypatch):
             new.save(folder)
         return meta
 
-    monkeypatch.setattr(style_index, "_parse_meta", parse_then_swap)
+    monkeypatch.setattr(style_index, "parse_meta", parse_then_swap)
     got = StyleIndex.load(folder)
     assert len(calls) == 2  # the old generation vanished under the reader, which started again
     assert got.names() == new.names()
@@ -329,14 +336,14 @@ def test_approximate_recall_on_clustered_prototypes(kind):
 
 def test_choose_kind_and_auto(tmp_path, monkeypatch):
     assert choose_kind(1_000) == "flat" and choose_kind(1_000, dim=1280) == "flat"
-    assert choose_kind(1_000_000) == style_index.APPROX_KIND
-    assert choose_kind(style_index.FLAT_MAX_N) == "flat" and choose_kind(style_index.FLAT_MAX_N + 1) != "flat"
+    assert choose_kind(1_000_000) == faiss_kinds.APPROX_KIND
+    assert choose_kind(faiss_kinds.FLAT_MAX_N) == "flat" and choose_kind(faiss_kinds.FLAT_MAX_N + 1) != "flat"
     ix, _ = filled("auto", n=30)
     ix.search(np.ones(DIM), 1)
     assert ix.built_kind == "flat"
-    monkeypatch.setattr(style_index, "FLAT_MAX_N", 20)  # as if the catalog had outgrown flat search
+    monkeypatch.setattr(faiss_kinds, "FLAT_MAX_N", 20)  # as if the catalog had outgrown flat search
     back = StyleIndex.load(ix.save(tmp_path / "auto"))
-    assert back.kind == "auto" and back.built_kind == style_index.APPROX_KIND
+    assert back.kind == "auto" and back.built_kind == faiss_kinds.APPROX_KIND
 
 
 def test_bench_rows_and_table(tmp_path):

@@ -1,4 +1,4 @@
-"""The tiny profile's named styles (lorafind_utils.styles): registry, per-style signatures on
+"""The tiny profile's named styles (lorafind_utils.core.styles): registry, per-style signatures on
 real photos, determinism, and that the 12 styles are tellable apart by crude features while
 the two near-twin pairs stay close."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorafind_utils import styles
-from lorafind_utils.styles import style_features
-from lorafind_utils.images import ImageError
+from lorafind_utils.core import styles
+from lorafind_utils.core.images import ImageError
+from lorafind_utils.core.style_features import style_features
 
 VARIETY = Path(__file__).resolve().parents[1] / "data" / "images" / "variety"
 
@@ -215,7 +215,9 @@ def test_pop_art_has_few_colours_and_a_dot_screen(styled):
     # ... far more often than in the flat cartoon of the same photo
     ratios = [np.any(a[:, 1:] != a[:, :-1], axis=2).mean() / np.any(c[:, 1:] != c[:, :-1], axis=2).mean()
               for a, c in zip(styled["pop_art"], styled["anime"])]
-    assert sum(r > 1.2 for r in ratios) >= 9 and np.median(ratios) > 1.3, ratios  # measured 10 and 1.41; a black guitar is solid ink
+    assert sum(r > 1.2 for r in ratios) >= 9 and np.median(ratios) > 1.3, (
+        ratios
+    )  # measured 10 and 1.41; a black guitar is solid ink
 
 
 def test_pop_art_dot_screen_period_follows_the_image_size():
@@ -280,12 +282,12 @@ def test_oil_paint_is_more_colourful_and_contrasty_than_the_photo(styled, photos
 
 
 def test_watercolour_is_heavier_handed_than_light_watercolour(styled, photos):
-    for h, l, p in zip(styled["illustration"], styled["realistic"], photos):
+    for h, lo, p in zip(styled["illustration"], styled["realistic"], photos):
         p = np.asarray(p)
-        assert _mad(h, p) > _mad(l, p) + 2
-        assert _mad(h, l) < max(_mad(h, p), 25)
+        assert _mad(h, p) > _mad(lo, p) + 2
+        assert _mad(h, lo) < max(_mad(h, p), 25)
         # washes thinned toward the paper: the darkest tones are lifted more
-        assert np.percentile(h, 5) >= np.percentile(l, 5)
+        assert np.percentile(h, 5) >= np.percentile(lo, 5)
 
 
 # --------------------------------------------------------------------------- distinguishable
@@ -348,7 +350,7 @@ def test_apply_to_files_writes_decodable_pngs(tmp_path):
     written = styles.apply_to_files("pixel_art", srcs, out_dir)
     assert written == [out_dir / f"{s.stem}.png" for s in srcs]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{s.stem}.png" for s in srcs)  # no temp files
-    from lorafind_utils.images import load_rgb
+    from lorafind_utils.core.images import load_rgb
 
     for src, dst, size in zip(srcs, written, (64, 72, 80)):
         with Image.open(dst) as im:

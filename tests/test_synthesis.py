@@ -4,14 +4,13 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from lorafind_utils.config import load_profile, resolve
-from lorafind_utils.images import read_base_set
-from lorafind_utils.loras import LoraError
-from lorafind_utils.synthesis import item_seed, prepare_base_images, restyle, synthesize
-
 from conftest import tiny_overrides
+
+from lorafind_utils.core.config import load_profile, resolve
+from lorafind_utils.core.images import read_base_set
+from lorafind_utils.models.loras import LoraError
+from lorafind_utils.models.restyle import item_seed, prepare_base_images, restyle
+from lorafind_utils.stages.synthesis import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,10 @@ def prepared(tiny_cfg, stage_params):
 def test_item_seed_depends_on_every_part():
     s = item_seed(0, "anime", "001_dog")
     assert s == item_seed(0, "anime", "001_dog")
-    assert len({s, item_seed(1, "anime", "001_dog"), item_seed(0, "disco", "001_dog"), item_seed(0, "anime", "002_cat")}) == 4
+    assert (
+        len({s, item_seed(1, "anime", "001_dog"), item_seed(0, "disco", "001_dog"), item_seed(0, "anime", "002_cat")})
+        == 4
+    )
 
 
 def test_skipping_guidance_with_empty_prompt_equals_guided(tiny_pipe, prepared, stage_params):
@@ -34,7 +36,9 @@ def test_skipping_guidance_with_empty_prompt_equals_guided(tiny_pipe, prepared, 
               num_inference_steps=6, controlnet_conditioning_scale=1.0, output_type="np")
     guided = tiny_pipe(guidance_scale=7.5, generator=torch.Generator().manual_seed(3), **kw).images[0]
     plain = tiny_pipe(guidance_scale=1.0, generator=torch.Generator().manual_seed(3), **kw).images[0]
-    np.testing.assert_allclose(guided, plain, atol=1e-3)  # batch of 2 vs 1: another CPU may pick another kernel per batch size
+    np.testing.assert_allclose(
+        guided, plain, atol=1e-3
+    )  # batch of 2 vs 1: another CPU may pick another kernel per batch size
 
 
 def test_batch_size_does_not_change_images(tiny_pipe, prepared, stage_params):
@@ -64,7 +68,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_root, tiny_pipe, stage_param
     ref = _files(tmp_path / "a" / "synth")
     assert len(ref) == 36
 
-    import lorafind_utils.synthesis as syn
+    import lorafind_utils.models.restyle as syn  # where stage 01's batches call restyle
 
     real, calls = syn.restyle, {"n": 0}
 
@@ -118,22 +122,37 @@ def test_unreadable_base_image_is_recorded_not_silently_dropped(tiny_root, tiny_
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     rows.append("broken.jpg,x,objects,test,CC0")
     (d / "manifest.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "r"), "base_images": {"variety": str(d)}})
-    man = synthesize(cfg, dict(stage_params, sets=["variety"], max_images=0), tmp_path / "r" / "synth", pipe=tiny_pipe, progress=False)
+    cfg = load_profile(
+        "standin", {**tiny_overrides(tiny_root), "runs_dir": str(tmp_path / "r"), "base_images": {"variety": str(d)}}
+    )
+    man = synthesize(
+        cfg,
+        dict(stage_params, sets=["variety"], max_images=0),
+        tmp_path / "r" / "synth",
+        pipe=tiny_pipe,
+        progress=False,
+    )
     assert [s["image"] for s in man["skipped"]] == ["broken"]
     assert "not a readable image" in man["skipped"][0]["reason"]
     assert len(man["items"]) == 12 * 2
 
 
 def test_bad_lora_fails_before_any_image(tiny_root, tiny_pipe, stage_params, tmp_path):
-    import torch
 
-    from lorafind_utils.models import prepare_loras
+    from lorafind_utils.models.pipelines import prepare_loras
 
     loras = tmp_path / "loras"
-    cfg = load_profile("standin", {**tiny_overrides(tiny_root), "lora_dir": str(loras), "runs_dir": str(tmp_path / "r")})
+    cfg = load_profile(
+        "standin", {**tiny_overrides(tiny_root), "lora_dir": str(loras), "runs_dir": str(tmp_path / "r")}
+    )
     prepare_loras(cfg)
     (loras / "pop_art.safetensors").write_bytes(b"\x80\x04 pickle bytes")
     with pytest.raises(LoraError, match="pop_art.safetensors.*pickle"):
-        synthesize(cfg, dict(stage_params, sets=["variety"], max_images=2), tmp_path / "r" / "synth", pipe=tiny_pipe, progress=False)
+        synthesize(
+            cfg,
+            dict(stage_params, sets=["variety"], max_images=2),
+            tmp_path / "r" / "synth",
+            pipe=tiny_pipe,
+            progress=False,
+        )
     assert not list((tmp_path / "r").rglob("*.png"))

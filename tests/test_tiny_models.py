@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafind_utils.tiny_models import build_tiny_components
+from lorafind_utils.models.standins import build_tiny_components
 
 
 def test_tokenizer_ids_match_openai_clip(tiny_pipe):
@@ -22,11 +22,15 @@ def test_saved_models_reload_with_the_seeded_weights(tiny_pipe):
 
 
 def test_vae_keeps_image_content(tiny_pipe, tiny_cfg):
-    from lorafind_utils.config import resolve
-    from lorafind_utils.images import load_rgb, read_base_set, square_resize
+    from lorafind_utils.core.config import resolve
+    from lorafind_utils.core.images import load_rgb, read_base_set, square_resize
 
     b = read_base_set(resolve(tiny_cfg["base_images"]["variety"]))[0]
-    x = torch.tensor(np.asarray(square_resize(load_rgb(b.path), 64)), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    x = (
+        torch.tensor(np.asarray(square_resize(load_rgb(b.path), 64)), dtype=torch.float32).permute(2, 0, 1)[None]
+        / 127.5
+        - 1
+    )
     with torch.no_grad():
         y = tiny_pipe.vae.decode(tiny_pipe.vae.encode(x).latent_dist.mean).sample
     assert np.corrcoef(x.flatten(), y.flatten())[0, 1] > 0.8
@@ -38,5 +42,7 @@ def test_control_image_steers_the_output(tiny_pipe):
     edges[16:48, 30:34] = 255
     kw = dict(prompt="", image=init, strength=0.5, num_inference_steps=4, output_type="np")
     a = tiny_pipe(control_image=Image.fromarray(edges), generator=torch.Generator().manual_seed(0), **kw).images[0]
-    b = tiny_pipe(control_image=Image.fromarray(np.zeros_like(edges)), generator=torch.Generator().manual_seed(0), **kw).images[0]
+    b = tiny_pipe(
+        control_image=Image.fromarray(np.zeros_like(edges)), generator=torch.Generator().manual_seed(0), **kw
+    ).images[0]
     assert np.abs(a - b).mean() > 0.005  # an un-initialised ControlNet gives ~2e-6

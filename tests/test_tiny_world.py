@@ -8,11 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+import tiny_world as tw
 
-from lorafind_utils import tiny_world as tw
-from lorafind_utils.config import load_catalog, load_profile
+from lorafind_utils.core.config import load_catalog, load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +36,7 @@ def test_record_hashes_every_shipped_file_and_the_catalog_matches():
 
 
 def test_profile_installs_the_shipped_loras_and_refuses_a_changed_one(cfg):
-    from lorafind_utils.models import prepare_loras
+    from lorafind_utils.models.pipelines import prepare_loras
 
     catalog = prepare_loras(cfg)
     assert len(catalog) == 12
@@ -53,8 +52,8 @@ def test_profile_installs_the_shipped_loras_and_refuses_a_changed_one(cfg):
 
 
 def test_a_lora_paints_its_style_on_held_out_photos(cfg):
-    from lorafind_utils.models import load_pipeline, prepare_loras
-    from lorafind_utils.styles import get_style
+    from lorafind_utils.core.styles import get_style
+    from lorafind_utils.models.pipelines import load_pipeline, prepare_loras
 
     catalog = {e["slug"]: e for e in prepare_loras(cfg)}
     pipe = load_pipeline(cfg, "cpu")

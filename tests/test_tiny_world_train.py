@@ -1,4 +1,4 @@
-"""The tiny world's training parts (lorafind_utils.tiny_world, scripts/train_tiny_world.py) at a few steps:
+"""The tiny world's training parts (scripts/tiny_world.py, scripts/train_tiny_world.py) at a few steps:
 a part killed and resumed equals one run straight through, the base it ships loads through diffusers'
 ``from_pretrained`` and restyles, and bad settings are refused with a message."""
 from __future__ import annotations
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_world as tw
 import torch
 from safetensors.torch import load_file
-
-from lorafind_utils import tiny_world as tw
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = {"batch_size": 4, "styled_share": 0.0}
@@ -129,7 +128,7 @@ def test_loras_train_on_the_world_and_the_retrieval_probe_scores_them(trained):
     res = tw.train_loras(0, slugs=["xiaorensu", "liuli"], progress=False, settings={"steps": 2, "batch_size": 2})
     assert set(res) == {"xiaorensu", "liuli"} and res["liuli"]["snr_gamma"] == tw.LORA["snr_gamma"] == 1.0
     files = {s: root / "world" / "loras" / f"{s}.safetensors" for s in res}
-    from lorafind_utils.loras import inspect_lora
+    from lorafind_utils.models.loras import inspect_lora
 
     assert all(inspect_lora(f).layout == "kohya-locon" for f in files.values())  # LoCon: conv keys too
     pipe = tw.load_world_pipeline(root / "world")
@@ -137,5 +136,10 @@ def test_loras_train_on_the_world_and_the_retrieval_probe_scores_them(trained):
     assert probe["chance"] == {"top1": 0.5, "top3": 1.0, "mrr": 0.75}
     for part, n in (("style_samples", 2 * len(tw.pool("queries"))), ("own_generations", 2 * len(tw.split_base()[1]))):
         m = probe[part]
-        assert m["n"] == n and m["top3"] == 1.0 and 0.5 <= m["mrr"] <= 1.0 and m["mrr"] == pytest.approx(0.5 + m["top1"] / 2)
+        assert (
+            m["n"] == n
+            and m["top3"] == 1.0
+            and 0.5 <= m["mrr"] <= 1.0
+            and m["mrr"] == pytest.approx(0.5 + m["top1"] / 2)
+        )
         assert set(m["per_style"]) == set(files)

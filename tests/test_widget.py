@@ -7,14 +7,15 @@ import pytest
 from conftest import tiny_overrides
 from PIL import Image
 
-from lorafind_utils import indexing, layout
-from lorafind_utils.classifier import build_model, save_checkpoint
-from lorafind_utils.config import load_catalog, load_profile, stage_params
-from lorafind_utils.images import load_rgb
-from lorafind_utils.retrieval import Ranker
-from lorafind_utils.style_index import StyleIndex
-from lorafind_utils.widget import SAMPLE_SIZE, RankWidget
-from lorafind_utils.widget import _png as widget_png
+from lorafind_utils.app.widget import SAMPLE_SIZE, RankWidget
+from lorafind_utils.app.widget import _png as widget_png
+from lorafind_utils.core import layout
+from lorafind_utils.core.config import load_catalog, load_profile, stage_params
+from lorafind_utils.core.images import load_rgb
+from lorafind_utils.models.classifier import build_model, save_checkpoint
+from lorafind_utils.rank import index_ops as indexing
+from lorafind_utils.rank.classifier_ranker import Ranker
+from lorafind_utils.rank.style_index import StyleIndex
 
 #: stage 01 on 3 base images (the samples), stage 08 with the training-free encoder (fast)
 FAST = {"01_synthesize": {"sets": ["variety"], "max_images": 3}, "02_finetune": {"val_fraction": 0.34},
@@ -45,7 +46,7 @@ def _classifier(c, runs):
 @pytest.fixture(scope="module")
 def cfg(tiny_root, tiny_pipe, tmp_path_factory):
     """A trained classifier (random weights) and stage 01's images of 3 base images per LoRA."""
-    from lorafind_utils.synthesis import synthesize
+    from lorafind_utils.stages.synthesis import synthesize
 
     runs = tmp_path_factory.mktemp("widget_runs")
     c = load_profile("standin", {**tiny_overrides(tiny_root), "runs_dir": str(runs), "stages": FAST})
@@ -158,7 +159,7 @@ def _stage01_paths(cfg, slug):
 
 
 def test_each_ranked_lora_shows_a_few_of_its_own_stage01_images(cfg, monkeypatch):
-    from lorafind_utils import images
+    from lorafind_utils.core import images
 
     reads = []
     real = images.load_rgb

@@ -1,0 +1,1 @@
+"""What users touch: the ``lorafind`` command line and the JupyterLab widget."""

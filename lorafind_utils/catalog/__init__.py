@@ -1,0 +1,1 @@
+"""Getting LoRAs: Civitai, what the paper profile fetches, importing many at once."""
