@@ -570,8 +570,8 @@ def restyle(pipe, images: list[Image.Image], seeds: list[int], strength: float =
 
 
 def sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file: the project's one hash of a file (:func:`lorafind_utils.core.download.sha256_file`)."""
-    from lorafind_utils.core.download import sha256_file
+    """SHA-256 (hex) of a file: the project's one hash of a file (:func:`lorafind_utils.core.files.sha256_file`)."""
+    from lorafind_utils.core.files import sha256_file
 
     return sha256_file(path)
 

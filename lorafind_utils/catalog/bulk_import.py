@@ -57,9 +57,8 @@ from lorafind_utils.core.download import (
     quarantine,
     read_json_object,
     redact,
-    sha256_file,
 )
-from lorafind_utils.core.files import RunLocked, atomic_path, run_lock, write_json_atomic
+from lorafind_utils.core.files import RunLocked, atomic_path, run_lock, sha256_file, write_json_atomic
 from lorafind_utils.models.loras import PICKLE_SUFFIXES, LoraError, check_lora_against_model, inspect_lora
 
 #: Civitai's download endpoint for a model version (``<base>/<id>``)

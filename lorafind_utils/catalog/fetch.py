@@ -27,9 +27,8 @@ from lorafind_utils.core.download import (
     quarantine,
     raise_failures,
     read_json_object,
-    sha256_file,
 )
-from lorafind_utils.core.files import run_lock, write_json_atomic
+from lorafind_utils.core.files import run_lock, sha256_file, write_json_atomic
 
 #: what ``fetch`` can download, in the order it does it.
 FETCH_ITEMS = ("models", "loras", "resnet50", "thumbnails")

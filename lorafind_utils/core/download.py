@@ -32,6 +32,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
+from lorafind_utils.core.files import sha256_file
 from lorafind_utils.core.records import SECRET_KEY, scrub
 
 #: the environment variable that holds the download token (a Civitai API key); messages name it
@@ -109,11 +110,6 @@ class SilentTqdm(tqdm):
     def __init__(self, *args, **kwargs):
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 (hex) of a file, read in chunks."""
-    return _hash_prefix(Path(path), chunk).hexdigest()
 
 
 def _hash_prefix(path: Path, chunk: int = 1 << 20):

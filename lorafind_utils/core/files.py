@@ -2,6 +2,7 @@
 behind, and two writers never mix their files in one folder."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -144,3 +145,12 @@ def tree_bytes(folder: str | Path, exclude: tuple[Path, ...] = ()) -> int:
             if stat.S_ISREG(st.st_mode):  # not a link, socket or fifo
                 total += st.st_size
     return total
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file, read in chunks: the project's one hash of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -101,8 +101,7 @@ def install_shipped_loras(catalog: list[dict], source: Path) -> None:
     SHA-256 is the catalog's; a shipped file whose hash is not the catalog's is refused, naming it."""
     import shutil
 
-    from lorafind_utils.core.download import sha256_file
-    from lorafind_utils.core.files import atomic_path
+    from lorafind_utils.core.files import atomic_path, sha256_file
 
     for e in catalog:
         dest = Path(e["path"])

@@ -423,7 +423,7 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
     base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
                           for b in prepared]) if index.variant == "content_cancelled" else None
     vec = lora_vectors(enc, x, index.variant, base_x)
-    from lorafind_utils.core.download import sha256_file
+    from lorafind_utils.core.files import sha256_file
 
     meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
             "sha256": sha256_file(file), "layout": info.layout}

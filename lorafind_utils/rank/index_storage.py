@@ -54,14 +54,6 @@ class Vanished(Exception):
     """The generation being read was deleted by a concurrent save (load retries)."""
 
 
-def sha256_path(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fsync(path: Path) -> None:
     """Flush a file or folder to disk (folders: best effort, not every OS allows it)."""
     try:

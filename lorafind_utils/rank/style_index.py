@@ -75,6 +75,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from lorafind_utils.core.files import sha256_file
 from lorafind_utils.rank.faiss_kinds import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -104,7 +105,6 @@ from lorafind_utils.rank.index_storage import (
     recover,
     replaceable,
     save_lock,
-    sha256_path,
 )
 
 try:  # POSIX only; elsewhere saves are not serialised between processes
@@ -454,7 +454,7 @@ class StyleIndex:
                 faiss.write_index(self._index, str(tmp / INDEX_FILE))
                 with open(tmp / VECTORS_FILE, "wb") as f:
                     np.save(f, np.ascontiguousarray(self._vecs[: len(self)]), allow_pickle=False)
-                hashes = {fn: {"sha256": sha256_path(tmp / fn), "bytes": (tmp / fn).stat().st_size}
+                hashes = {fn: {"sha256": sha256_file(tmp / fn), "bytes": (tmp / fn).stat().st_size}
                           for fn in (INDEX_FILE, VECTORS_FILE)}
                 with open(tmp / META_FILE, "w") as f:
                     json.dump(self._metadata(hashes), f, indent=1, allow_nan=False)

@@ -38,8 +38,7 @@ def register(catalog_path: str | Path, base_catalog: list[dict], trained: list[d
 
     import yaml
 
-    from lorafind_utils.core.download import sha256_file
-    from lorafind_utils.core.files import run_lock
+    from lorafind_utils.core.files import run_lock, sha256_file
 
     lora_dir = Path(lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
