@@ -531,6 +531,24 @@ def early_features(model, x: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def early_stages(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps of the frozen early stages, shallow to deep (the last is :func:`early_features`):
+    ResNet50's layer1 and layer2; EfficientNet-Lite0's blocks 1, 3 and 5."""
+    z = (x - model.mean) / model.std
+    if model.backbone_name == "resnet50":
+        b = model.backbone
+        z1 = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(z)))))
+        return [z1, b.layer2(z1)]
+    n = model.backbone.net
+    z = n._swish(n._bn0(n._conv_stem(z)))
+    out = []
+    for i, blk in enumerate(n._blocks[:5], 1):
+        z = blk(z)
+        if i in (1, 3, 5):
+            out.append(z)
+    return out
+
+
 def gram_matrices(model, x: torch.Tensor) -> torch.Tensor:
     """[N, C, C] Gram matrices of :func:`early_features`, normalised by the spatial size."""
     model.eval()

@@ -8,6 +8,10 @@
 * ``imagenet``: the frozen ImageNet backbone's pooled features (training-free baseline).
 * ``gram``: Gram matrices of the backbone's early, frozen ImageNet features (Gatys et al.;
   texture and colour statistics independent of layout; training-free baseline).
+* ``gramstats``: richer training-free statistics -- the Gram matrix and per-channel mean and sd of
+  every frozen early stage, the pixels' colour moments and colour histogram -- standardised and
+  PCA-whitened on stage 01's training images of the LoRAs it may see (:func:`fit_gramstats`; no
+  gradient step). The whitening is what is fitted, so LoRAs left out of the fit still land apart.
 * ``clip:<hub id or folder>``: a CLIP image encoder through ``from_pretrained`` (paper profile).
 
 Every encoder describes itself (:meth:`StyleEncoder.describe`): an index records it and refuses
@@ -30,12 +34,15 @@ from lorafind_utils.models.classifier import (
     augment_batch,
     build_model,
     describe_backbone,
+    early_stages,
     normalize,
     set_trainable,
     train_mode,
 )
 
-ENCODERS = ("trained", "imagenet", "gram")
+ENCODERS = ("trained", "gramstats", "imagenet", "gram")
+#: the encoders fitted to the LoRAs they may see (saved under ``runs/<profile>/index/encoders/``)
+FITTED = ("trained", "gramstats")
 
 
 def _to_uint8(images) -> torch.Tensor:
@@ -76,6 +83,9 @@ class StyleEncoder:
             return self.model.features(xb)
         if self.kind == "gram":
             return gram_features(self.model, xb, self.extra["proj_seed"])
+        if self.kind == "gramstats":
+            w = self.whitening
+            return (style_statistics(self.model, xb, self.extra["proj_seed"]) - w["mean"]) / w["sd"] @ w["W"]
         return self.model(xb)  # clip: a wrapper returning image features
 
     def embed_images(self, images) -> np.ndarray:
@@ -96,12 +106,14 @@ class StyleEncoder:
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """``encoder.safetensors`` + ``encoder.json`` (a trained encoder only; the others are rebuilt)."""
+        """``encoder.safetensors`` + ``encoder.json``: a trained encoder's weights, or a ``gramstats``
+        encoder's whitening (its backbone is the frozen ImageNet one, rebuilt)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state = self.whitening if self.kind == "gramstats" else self.model.state_dict()
+        sd = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         with atomic_path(folder / "encoder.safetensors") as tmp:
             save_file(sd, str(tmp))
         self.weights_sha256 = hashlib.sha256((folder / "encoder.safetensors").read_bytes()).hexdigest()
@@ -126,6 +138,85 @@ def gram_features(model, x: torch.Tensor, proj_seed: int = 0, max_channels: int 
     gram = f @ f.transpose(1, 2) / f.shape[-1]
     iu = torch.triu_indices(c, c)
     return gram[:, iu[0], iu[1]]
+
+
+def style_statistics(model, x: torch.Tensor, proj_seed: int = 0, max_channels: int = 64) -> torch.Tensor:
+    """The ``gramstats`` encoder's raw vector for images ``x`` (float in [0, 1], as :func:`normalize`
+    gives): per frozen early stage (:func:`~lorafind_utils.models.classifier.early_stages`) the upper
+    triangle of its Gram matrix and its per-channel mean and sd; the pixels' per-channel mean and sd
+    and a 64-bin colour histogram; each number under a signed square root (power normalisation).
+    Stages wider than ``max_channels`` are first projected by a fixed seeded 1x1 projection."""
+    parts = []
+    for f in early_stages(model, x):
+        f = f.flatten(2)  # [N, C, HW]
+        c = f.shape[1]
+        if c > max_channels:
+            g = torch.Generator().manual_seed(proj_seed)
+            f = (torch.randn(max_channels, c, generator=g).to(f) / c**0.5) @ f
+            c = max_channels
+        iu = torch.triu_indices(c, c)
+        parts += [(f @ f.transpose(1, 2) / f.shape[-1])[:, iu[0], iu[1]], f.mean(-1), f.std(-1)]
+    p = x.float().flatten(2)
+    q = (x.float().clamp(0, 0.999) * 4).long()
+    code = (q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]).flatten(1)
+    hist = torch.zeros(len(x), 64).scatter_add_(1, code, torch.ones(code.shape)) / code.shape[1]
+    v = torch.cat([*parts, p.mean(-1), p.std(-1), hist.to(p)], 1)
+    return v.sign() * v.abs().sqrt()
+
+
+def fit_gramstats(x: torch.Tensor, backbone: str, weights: str, image_size: int, dim: int = 128,
+                  device: str = "cpu", batch_size: int = 128) -> StyleEncoder:
+    """A ``gramstats`` encoder fitted to uint8 images ``x`` [N, 3, S, S]: each statistic standardised
+    over them, then PCA-whitened to ``dim`` numbers (each component divided by its spread, so no one
+    statistic family dominates the cosine). Nothing is trained; the fit is a mean, an sd and a matrix."""
+    model = build_model(2, hidden=8, weights=weights, seed=0, backbone=backbone).to(device).eval()
+    with torch.no_grad():
+        raw = torch.cat([style_statistics(model, normalize(x[i : i + batch_size].to(device), image_size)).cpu()
+                         for i in range(0, len(x), batch_size)]).double().numpy()
+    mean, sd = raw.mean(0), raw.std(0) + 1e-6
+    z = (raw - mean) / sd
+    dim = min(dim, len(z) - 1, z.shape[1])
+    _, s, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+    w = vt[:dim].T / (s[:dim] / np.sqrt(len(z)) + 1e-3)
+    whitening = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in (("mean", mean), ("sd", sd),
+                                                                                     ("W", w))}
+    return _gramstats_encoder(model, whitening, backbone, weights, image_size, device, {"n_fit": int(len(x))})
+
+
+def _gramstats_encoder(model, whitening: dict, backbone: str, weights: str, image_size: int, device: str,
+                       extra: dict, sha: str = "") -> StyleEncoder:
+    enc = StyleEncoder("gramstats", model, image_size, backbone, int(whitening["W"].shape[1]), sha, device,
+                       {"weights": describe_backbone(backbone, weights), "proj_seed": 0, **extra})
+    enc.whitening = {k: v.to(device) for k, v in whitening.items()}
+    return enc
+
+
+def load_gramstats(folder: str | Path, backbone: str, weights: str, image_size: int,
+                   device: str = "cpu") -> StyleEncoder:
+    """A ``gramstats`` encoder saved by :meth:`StyleEncoder.save` onto this profile's frozen backbone.
+
+    :raises ValueError: missing or damaged files, naming them and how to rebuild.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_p, w_p = folder / "encoder.json", folder / "encoder.safetensors"
+    try:
+        meta = json.loads(meta_p.read_text())
+        whitening = load_file(str(w_p))
+        if meta.get("name") != "gramstats" or set(whitening) != {"mean", "sd", "W"}:
+            raise ValueError("not a gramstats encoder")
+    except FileNotFoundError as e:
+        raise ValueError(f"no gramstats style encoder in {folder} ({e.filename} missing); "
+                         "rebuild it with `lorafind index build` (stage 08)") from None
+    except Exception as e:  # damaged JSON or tensors
+        raise ValueError(f"{folder}: the gramstats style encoder cannot be loaded ({type(e).__name__}: {e}); "
+                         "rebuild it with `lorafind index build` (stage 08)") from None
+    model = build_model(2, hidden=8, weights=weights, seed=0, backbone=backbone)
+    sha = hashlib.sha256(w_p.read_bytes()).hexdigest()
+    extra = {k: v for k, v in meta.items()
+             if k not in ("name", "backbone", "dim", "image_size", "sha256", "weights", "proj_seed", "hidden")}
+    return _gramstats_encoder(model, whitening, backbone, weights, image_size, device, extra, sha)
 
 
 def _head_model(backbone: str, weights: str, embed_dim: int, hidden: int, seed: int):

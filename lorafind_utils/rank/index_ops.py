@@ -87,8 +87,10 @@ def make_encoder(cfg: dict, kind: str, sd: StyleData | None = None, seed: int = 
         return training_free(kind, p02["backbone"], p02["weights"], int(p02["image_size"]), device)
     if kind.startswith("clip:"):
         return clip_encoder(kind[5:], int(p02["image_size"]), device)
+    if kind == "gramstats":
+        return _gramstats_for(cfg, p, p02, sd, classes, folder, device)
     if kind != "trained":
-        raise ValueError(f"unknown encoder '{kind}' (trained | imagenet | gram | clip:<hub id or folder>)")
+        raise ValueError(f"unknown encoder '{kind}' (trained | gramstats | imagenet | gram | clip:<hub id or folder>)")
     folder = Path(folder or layout.encoder_dir(cfg, f"{p['run_name']}_s{seed}"))
     if (folder / "encoder.json").exists():
         return load_trained(folder, device)
@@ -107,6 +109,30 @@ def make_encoder(cfg: dict, kind: str, sd: StyleData | None = None, seed: int = 
                                  device=device, progress=progress)
     enc.extra["trained_on"] = sorted(keep)
     enc.extra["history"] = history
+    enc.save(folder)
+    return enc
+
+
+def _gramstats_for(cfg: dict, p: dict, p02: dict, sd: StyleData | None, classes: list[str] | None,
+                   folder: Path | None, device: str):
+    """The ``gramstats`` encoder from ``folder``, or fitted on the training base images' restyles by
+    ``classes`` (default: every LoRA) and their unstyled photos, and saved there."""
+    import torch
+
+    from lorafind_utils.models.style_encoder import fit_gramstats, load_gramstats
+
+    folder = Path(folder or layout.encoder_dir(cfg, f"{p['run_name']}_gramstats"))
+    backbone, weights, size = p02["backbone"], p02["weights"], int(p02["image_size"])
+    if (folder / "encoder.json").exists():
+        return load_gramstats(folder, backbone, weights, size, device)
+    sd = sd or load_style_data(cfg)
+    keep, train = set(classes or sd.classes), set(sd.train_ids)
+    rows = [i for i, (y, g) in enumerate(zip(sd.data.y.tolist(), sd.data.groups))
+            if sd.classes[y] in keep and g in train]
+    photos = [sd.base_photos[i] for i in sd.train_ids if i in sd.base_photos]
+    x = torch.cat([sd.data.x[rows], *([torch.stack(photos)] if photos else [])])
+    enc = fit_gramstats(x, backbone, weights, size, dim=p["embed_dim"], device=device)
+    enc.extra["fit_on"] = sorted(keep)
     enc.save(folder)
     return enc
 

@@ -121,16 +121,8 @@ def _compare_methods(c: _Stage08):
     from lorafind_utils.core.files import write_csv_atomic, write_markdown_table
     from lorafind_utils.rank.classifier_ranker import retrieval_metrics
 
-    cfg, p, catalog, k, sd, queries, q_truth, results = (
-        c.cfg,
-        c.p,
-        c.catalog,
-        c.k,
-        c.sd,
-        c.queries,
-        c.q_truth,
-        c.results,
-    )
+    cfg, p, catalog, k, sd = c.cfg, c.p, c.catalog, c.k, c.sd
+    queries, q_truth, results = c.queries, c.q_truth, c.results
     method_rows, per_run, default = [], [], None
     variants = ("prototype", "content_cancelled")
     for kind in p["compare"]:
@@ -185,34 +177,22 @@ def _compare_methods(c: _Stage08):
 def _leave_loras_out(c: _Stage08):
     """2. leave-LoRAs-out: the encoder never saw a third of the LoRAs; they enter as `index add` does."""
     from lorafind_utils.core.files import write_markdown_table
+    from lorafind_utils.models.style_encoder import FITTED
     from lorafind_utils.rank.classifier_ranker import retrieval_metrics
 
-    cfg, p, catalog, k, sd, queries, q_truth, results = (
-        c.cfg,
-        c.p,
-        c.catalog,
-        c.k,
-        c.sd,
-        c.queries,
-        c.q_truth,
-        c.results,
-    )
+    cfg, p, catalog, k, sd = c.cfg, c.p, c.catalog, c.k, c.sd
+    queries, q_truth, results = c.queries, c.q_truth, c.results
     fold_rows = []
     if p["folds"] == 1:
         raise ValueError("08_index: folds must be 0 (skip) or at least 2 (each fold leaves 1/folds of the LoRAs out)")
-    if p["folds"] and p["encoder"] == "trained":
+    if p["folds"] and p["encoder"] in FITTED:
+        kind = p["encoder"]
         for f in range(p["folds"]):
             new = sd.classes[f :: p["folds"]]
             old = [c for c in sd.classes if c not in new]
-            enc_f = make_encoder(
-                cfg,
-                "trained",
-                sd,
-                seed=p["seeds"][0],
-                classes=old,
-                folder=layout.encoder_dir(cfg, f"{p['run_name']}_fold{f}of{p['folds']}"),
-                progress=c.progress,
-            )
+            run = p["run_name"] if kind == "trained" else f"{p['run_name']}_{kind}"
+            enc_f = make_encoder(cfg, kind, sd, seed=p["seeds"][0], classes=old,
+                                 folder=layout.encoder_dir(cfg, f"{run}_fold{f}of{p['folds']}"), progress=c.progress)
             emb_f = embed_style_data(enc_f, sd)
             idx = build_index(enc_f, sd, p["variant"], catalog, classes=old, embedded=emb_f)
             added = build_index(enc_f, sd, p["variant"], catalog, ids=sd.train_ids[: p["add_images"]], classes=new,
@@ -228,15 +208,15 @@ def _leave_loras_out(c: _Stage08):
                               "index_new": retrieval_metrics([r for r, n in zip(ranks, is_new) if n], k),
                               "index_all": retrieval_metrics(ranks, k),
                               "classifier12_new": retrieval_metrics([r for r, n in zip(clf, is_new) if n], k)})
-        rows = []
-        for label, key in (("index, encoder trained on the other LoRAs; new ones added", "index_new"),
+        rows, made = [], "trained" if kind == "trained" else "fitted"
+        for label, key in ((f"index ({kind}), encoder {made} on the other LoRAs; new ones added", "index_new"),
                            ("classifier retrained on all 12 (upper bound)", "classifier12_new")):
             s = _summary([r[key] for r in fold_rows])
             rows.append(
                 [label, "the added LoRAs' queries", *[_fmt(s[f"{m}_mean"], s[f"{m}_sd"]) for m in ("top1", "mrr")]]
             )
         s = _summary([r["index_all"] for r in fold_rows])
-        rows.append(["index, encoder trained on the other LoRAs; new ones added", "all queries",
+        rows.append([f"index ({kind}), encoder {made} on the other LoRAs; new ones added", "all queries",
                      *[_fmt(s[f"{m}_mean"], s[f"{m}_sd"]) for m in ("top1", "mrr")]])
         rows.append(
             [f"classifier trained on {k - len(fold_rows[0]['new'])} LoRAs", "the added LoRAs' queries", "0.0", "—"]
@@ -246,7 +226,8 @@ def _leave_loras_out(c: _Stage08):
             ["model", "queries", "top-1", "MRR"],
             rows,
             f"{p['folds']} folds; in each, {len(fold_rows[0]['new'])} LoRAs are left out of the encoder's "
-            f"training and added from {p['add_images']} restyled base images each (as `lorafind index add` "
+            f"{'training' if kind == 'trained' else 'fit'} and added from {p['add_images']} restyled base images "
+            "each (as `lorafind index add` "
             "does). Percent, mean ± sd over folds. A classifier trained without them cannot name them.",
         )
     results["folds"] = fold_rows
