@@ -317,13 +317,15 @@ def open_set_plot(known_p, unknown_p, out_png: str | Path | None = None, title: 
 
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     bins = np.linspace(0, 1, 21)
-    ax.hist(np.asarray(known_p), bins=bins, alpha=0.6, label=f"catalogued styles ({len(known_p)})", color="#2a7ab9")
-    ax.hist(
-        np.asarray(unknown_p), bins=bins, alpha=0.6, label=f"styles no LoRA paints ({len(unknown_p)})", color="#d9534f"
-    )
+    # each group as a share of its own queries, so 36 unknown queries compare with 360 known ones
+    groups = ((known_p, "catalogued styles", "#2a7ab9"), (unknown_p, "styles no LoRA paints", "#d9534f"))
+    for vals, label, colour in groups:
+        v = np.asarray(vals, dtype=float)
+        ax.hist(v, bins=bins, weights=np.full(len(v), 100 / max(len(v), 1)), alpha=0.6, color=colour,
+                label=f"{label} ({len(v)} queries)")
     ax.axvline(0.5, color="black", ls=":", lw=1, label="threshold: below = 'none of these'")
     ax.set_xlabel("P(the catalog has the query's LoRA)")
-    ax.set_ylabel("queries")
+    ax.set_ylabel("% of the group's queries")
     ax.set_title(title or "'None of these': calibrated top-1 score")
     ax.legend(fontsize=8)
     return save_figure(fig, out_png)

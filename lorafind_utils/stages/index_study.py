@@ -175,62 +175,69 @@ def _compare_methods(c: _Stage08):
 
 
 def _leave_loras_out(c: _Stage08):
-    """2. leave-LoRAs-out: the encoder never saw a third of the LoRAs; they enter as `index add` does."""
+    """2. leave-LoRAs-out: each fitted encoder of the comparison (trained, gramstats) never saw a third of the
+    LoRAs; they enter as `index add` does."""
     from lorafind_utils.core.files import write_markdown_table
     from lorafind_utils.models.style_encoder import FITTED
-    from lorafind_utils.rank.classifier_ranker import retrieval_metrics
 
-    cfg, p, catalog, k, sd = c.cfg, c.p, c.catalog, c.k, c.sd
-    queries, q_truth, results = c.queries, c.q_truth, c.results
-    fold_rows = []
+    cfg, p, k, results = c.cfg, c.p, c.k, c.results
     if p["folds"] == 1:
         raise ValueError("08_index: folds must be 0 (skip) or at least 2 (each fold leaves 1/folds of the LoRAs out)")
-    if p["folds"] and p["encoder"] in FITTED:
-        kind = p["encoder"]
-        for f in range(p["folds"]):
-            new = sd.classes[f :: p["folds"]]
-            old = [c for c in sd.classes if c not in new]
-            run = p["run_name"] if kind == "trained" else f"{p['run_name']}_{kind}"
-            enc_f = make_encoder(cfg, kind, sd, seed=p["seeds"][0], classes=old,
-                                 folder=layout.encoder_dir(cfg, f"{run}_fold{f}of{p['folds']}"), progress=c.progress)
-            emb_f = embed_style_data(enc_f, sd)
-            idx = build_index(enc_f, sd, p["variant"], catalog, classes=old, embedded=emb_f)
-            added = build_index(enc_f, sd, p["variant"], catalog, ids=sd.train_ids[: p["add_images"]], classes=new,
-                                embedded=emb_f)
-            for n in added.names():
-                e = added.entry(n)
-                idx.add(n, e.vector, e.meta)
-            zf, _ = enc_f.embed_files([q["file"] for q in queries])
-            ranks = _ranks(idx, zf, q_truth)
-            is_new = [t in new for t in q_truth]
-            clf = [q["rank_of_correct"] for q in queries]
-            fold_rows.append({"fold": f, "new": new,
-                              "index_new": retrieval_metrics([r for r, n in zip(ranks, is_new) if n], k),
-                              "index_all": retrieval_metrics(ranks, k),
-                              "classifier12_new": retrieval_metrics([r for r, n in zip(clf, is_new) if n], k)})
-        rows, made = [], "trained" if kind == "trained" else "fitted"
-        for label, key in ((f"index ({kind}), encoder {made} on the other LoRAs; new ones added", "index_new"),
-                           ("classifier retrained on all 12 (upper bound)", "classifier12_new")):
-            s = _summary([r[key] for r in fold_rows])
-            rows.append(
-                [label, "the added LoRAs' queries", *[_fmt(s[f"{m}_mean"], s[f"{m}_sd"]) for m in ("top1", "mrr")]]
-            )
-        s = _summary([r["index_all"] for r in fold_rows])
-        rows.append([f"index ({kind}), encoder {made} on the other LoRAs; new ones added", "all queries",
-                     *[_fmt(s[f"{m}_mean"], s[f"{m}_sd"]) for m in ("top1", "mrr")]])
-        rows.append(
-            [f"classifier trained on {k - len(fold_rows[0]['new'])} LoRAs", "the added LoRAs' queries", "0.0", "—"]
-        )
-        write_markdown_table(
-            layout.figure(cfg, "index_leave_out.md"),
-            ["model", "queries", "top-1", "MRR"],
-            rows,
-            f"{p['folds']} folds; in each, {len(fold_rows[0]['new'])} LoRAs are left out of the encoder's "
-            f"{'training' if kind == 'trained' else 'fit'} and added from {p['add_images']} restyled base images "
-            "each (as `lorafind index add` "
-            "does). Percent, mean ± sd over folds. A classifier trained without them cannot name them.",
-        )
-    results["folds"] = fold_rows
+    kinds = [kind for kind in dict.fromkeys([p["encoder"], *p["compare"]]) if kind in FITTED] if p["folds"] else []
+    by_kind = {kind: [_fold(c, kind, f) for f in range(p["folds"])] for kind in kinds}
+    results["folds"] = by_kind.get(p["encoder"], [])
+    results["folds_by_encoder"] = by_kind
+    if not by_kind:
+        return
+    n_new = len(next(iter(by_kind.values()))[0]["new"])
+
+    def row(label, queries, key, folds):
+        s = _summary([r[key] for r in folds])
+        return [label, queries, *[_fmt(s[f"{m}_mean"], s[f"{m}_sd"]) for m in ("top1", "mrr")]]
+
+    rows = []
+    for kind, folds in by_kind.items():
+        made = "trained" if kind == "trained" else "fitted"
+        label = f"index ({kind} encoder, {made} on the other LoRAs); new ones added"
+        rows += [row(label, "the added LoRAs' queries", "index_new", folds),
+                 row(label, "all queries", "index_all", folds)]
+    rows.append(row(f"classifier retrained on all {k} (upper bound)", "the added LoRAs' queries", "classifier12_new",
+                    next(iter(by_kind.values()))))
+    rows.append([f"classifier trained on {k - n_new} LoRAs", "the added LoRAs' queries", "0.0", "—"])
+    write_markdown_table(
+        layout.figure(cfg, "index_leave_out.md"),
+        ["model", "queries", "top-1", "MRR"],
+        rows,
+        f"{p['folds']} folds; in each, {n_new} LoRAs are left out of the encoder's training (trained) or fit "
+        f"(gramstats) and added from {p['add_images']} restyled base images each (as `lorafind index add` does). "
+        "Percent, mean ± sd over folds. A classifier trained without them cannot name them.",
+    )
+
+
+def _fold(c: _Stage08, kind: str, f: int) -> dict:
+    """One leave-LoRAs-out fold of one fitted encoder: metrics on the left-out LoRAs' queries and on all."""
+    from lorafind_utils.rank.classifier_ranker import retrieval_metrics
+
+    cfg, p, catalog, k, sd, queries, q_truth = c.cfg, c.p, c.catalog, c.k, c.sd, c.queries, c.q_truth
+    new = sd.classes[f :: p["folds"]]
+    old = [c for c in sd.classes if c not in new]
+    run = p["run_name"] if kind == "trained" else f"{p['run_name']}_{kind}"
+    enc_f = make_encoder(cfg, kind, sd, seed=p["seeds"][0], classes=old,
+                         folder=layout.encoder_dir(cfg, f"{run}_fold{f}of{p['folds']}"), progress=c.progress)
+    emb_f = embed_style_data(enc_f, sd)
+    idx = build_index(enc_f, sd, p["variant"], catalog, classes=old, embedded=emb_f)
+    added = build_index(enc_f, sd, p["variant"], catalog, ids=sd.train_ids[: p["add_images"]], classes=new,
+                        embedded=emb_f)
+    for n in added.names():
+        e = added.entry(n)
+        idx.add(n, e.vector, e.meta)
+    zf, _ = enc_f.embed_files([q["file"] for q in queries])
+    ranks = _ranks(idx, zf, q_truth)
+    is_new = [t in new for t in q_truth]
+    clf = [q["rank_of_correct"] for q in queries]
+    return {"fold": f, "new": new, "index_new": retrieval_metrics([r for r, n in zip(ranks, is_new) if n], k),
+            "index_all": retrieval_metrics(ranks, k),
+            "classifier12_new": retrieval_metrics([r for r, n in zip(clf, is_new) if n], k)}
 
 
 def _open_set(c: _Stage08, enc, index: StyleIndex, zq: np.ndarray):
