@@ -94,18 +94,6 @@ UNET_CONFIG = dict(
 )
 #: the ControlNet's edge encoder: two stride-2 convs, so 64-px edges meet the 16x16 latent
 CN_COND_CHANNELS = (16, 32, 64)
-TEXT_CONFIG = dict(
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_hidden_layers=4,
-    projection_dim=32,
-    vocab_size=49408,
-    max_position_embeddings=77,
-)
 
 #: the parts' default training settings (the script can override steps)
 CODEC = dict(steps=3000, batch_size=16, lr=2e-3, styled_share=0.25, kl=1e-6, l1=0.5)
@@ -237,6 +225,8 @@ def build_text_encoder(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
+    from lorafind_utils.models.standins import TEXT_CONFIG
+
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
 
 

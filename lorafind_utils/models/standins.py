@@ -37,6 +37,21 @@ SD15_SCHEDULER = dict(
 )
 
 
+#: the stand-ins' (and the tiny world's) CLIP text encoder: SD1.5's tokenizer ids, miniature widths
+TEXT_CONFIG = dict(
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=4,
+    projection_dim=32,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+
+
 def clip_bpe_path() -> Path:
     """The CLIP BPE merges file that ships inside the ``open_clip_torch`` wheel (MIT)."""
     import open_clip
@@ -180,20 +195,7 @@ def build_tiny_components(seed: int = 0) -> dict:
         scaling_factor=1.0,
     )
     set_pooling_vae_weights_(vae)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=4,
-            projection_dim=32,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     controlnet = ControlNetModel.from_unet(unet)
     # from_unet leaves the "zero convs" at zero, so the control image would have no
     # effect at all; give them seeded weights so Canny edges steer the tiny model.

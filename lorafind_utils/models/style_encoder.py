@@ -122,19 +122,23 @@ class StyleEncoder:
         return folder
 
 
+def _project(f: torch.Tensor, proj_seed: int, max_channels: int) -> torch.Tensor:
+    """Features [N, C, HW] wider than ``max_channels`` through a fixed seeded 1x1 projection."""
+    c = f.shape[1]
+    if c <= max_channels:
+        return f
+    g = torch.Generator().manual_seed(proj_seed)
+    return (torch.randn(max_channels, c, generator=g).to(f) / c**0.5) @ f
+
+
 def gram_features(model, x: torch.Tensor, proj_seed: int = 0, max_channels: int = 64) -> torch.Tensor:
     """Upper triangles of the Gram matrices of the backbone's early frozen features (normalised by
     the spatial size). Wider feature maps are first projected to ``max_channels`` by a fixed seeded
     1x1 projection, so the vector stays small (ResNet50's layer2 has 512 channels)."""
     from lorafind_utils.models.classifier import early_features
 
-    f = early_features(model, x).flatten(2)  # [N, C, HW]
+    f = _project(early_features(model, x).flatten(2), proj_seed, max_channels)  # [N, C, HW]
     c = f.shape[1]
-    if c > max_channels:
-        g = torch.Generator().manual_seed(proj_seed)
-        w = torch.randn(max_channels, c, generator=g).to(f) / c ** 0.5
-        f = w @ f
-        c = max_channels
     gram = f @ f.transpose(1, 2) / f.shape[-1]
     iu = torch.triu_indices(c, c)
     return gram[:, iu[0], iu[1]]
@@ -148,12 +152,8 @@ def style_statistics(model, x: torch.Tensor, proj_seed: int = 0, max_channels: i
     Stages wider than ``max_channels`` are first projected by a fixed seeded 1x1 projection."""
     parts = []
     for f in early_stages(model, x):
-        f = f.flatten(2)  # [N, C, HW]
+        f = _project(f.flatten(2), proj_seed, max_channels)  # [N, C, HW]
         c = f.shape[1]
-        if c > max_channels:
-            g = torch.Generator().manual_seed(proj_seed)
-            f = (torch.randn(max_channels, c, generator=g).to(f) / c**0.5) @ f
-            c = max_channels
         iu = torch.triu_indices(c, c)
         parts += [(f @ f.transpose(1, 2) / f.shape[-1])[:, iu[0], iu[1]], f.mean(-1), f.std(-1)]
     p = x.float().flatten(2)
