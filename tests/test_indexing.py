@@ -90,8 +90,11 @@ def test_a_lora_is_found_by_its_own_images_and_the_index_reloads_after_an_add(wo
             for i in ids
         ]
     )
-    want = indexing.lora_vectors(built["encoder"], x, "prototype")
+    want, self_sim = indexing.lora_entry(built["encoder"], x, "prototype")
     assert float(ix.entry("disco").vector @ want) > 0.995 and ix.entry("disco").meta["n_images"] == 3
+    # the spread score's scale: its own images' similarity to it (mean close to 1, a small sd)
+    mu, sd = ix.entry("disco").meta["self_sim"]
+    assert abs(mu - self_sim[0]) < 0.01 and 0.5 < mu <= 1.0 and 0.0 <= sd < 0.5
     indexing.remove(cfg, "disco_again", log=lambda *a: None)
     assert (built["folder"] / "index.json").read_bytes() != before and "disco_again" not in ranker.slugs
 
@@ -151,7 +154,9 @@ def test_thumbnail_only_entries_and_none_of_these(world, tmp_path):
     Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
     r_known, r_grey = ranker.rank_files([layout.synth_image(synth, "variety", "pop_art", ids[0]), grey])
     assert r_known.match_p > r_grey.match_p
-    assert ix.params["calibration"]["validation"]["queries"] > 0
+    cal = ix.params["calibration"]
+    assert cal["validation"]["queries"] > 0 and set(cal["candidates"]) == {"cosine", "csls", "spread"}
+    assert cal["validation"]["auroc"] == max(c["auroc"] for c in cal["candidates"].values())
 
 
 def test_rank_json_carries_match_and_index_errors_are_clear(world, tmp_path, capsys):
@@ -161,6 +166,12 @@ def test_rank_json_carries_match_and_index_errors_are_clear(world, tmp_path, cap
     assert main(["rank", str(img), "--profile", str(prof), "--method", "index", "--json", "--top", "3"]) == 0
     out = json.loads(capsys.readouterr().out)[0]
     assert out["method"] == "index" and isinstance(out["match"], bool) and len(out["ranking"]) == 3
+    # --top K asks faiss for the K best (at least the 10 P(match) reads): the head and P(match) of the whole ranking
+    full = indexing.IndexRanker.from_profile(cfg).rank_files([img])[0]
+    assert [r["lora"] for r in out["ranking"]] == full.slugs[:3] and len(full.slugs) > 3
+    assert out["match_probability"] == pytest.approx(full.match_p, abs=1e-4)
+    one = indexing.IndexRanker(cfg, built["encoder"], built["folder"], top_k=1).rank_files([img])[0]
+    assert one.slugs == full.slugs[:1] and one.match_p == pytest.approx(full.match_p, abs=1e-6)
     # an index built with another encoder, or a damaged one: named, with how to rebuild
     with pytest.raises(IndexFileError, match=r"index built with encoder .*rebuild"):
         StyleIndex.load(built["folder"], expect_encoder={**built["encoder"].describe(), "name": "gram"}, profile="tiny")

@@ -152,6 +152,7 @@ def cmd_rank(args):
         from lorafind_utils.rank.index_ops import IndexRanker
 
         ranker = IndexRanker.from_profile(cfg)
+        ranker.top_k = args.top  # a faiss search for the K best, not a sort of the whole catalog
     else:
         from lorafind_utils.rank.classifier_ranker import Ranker
 

@@ -311,23 +311,26 @@ def table3_png(df, ordinals: list[str], caption: str, path: Path, max_rows: int 
 
 # --- stage 08 ---------------------------------------------------------------------------------------
 
-def open_set_plot(known_p, unknown_p, out_png: str | Path | None = None, title: str = ""):
-    """P(match) of queries in catalogued styles vs styles no LoRA paints, with the 0.5 threshold."""
+def open_set_plot(panels: dict, out_png: str | Path | None = None, title: str = ""):
+    """P(match) of queries in catalogued styles vs styles no LoRA paints, with the 0.5 threshold: one panel
+    per ``{panel title: (known P, unknown P)}``, each group as a share of its own queries."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 21)
-    # each group as a share of its own queries, so 36 unknown queries compare with 360 known ones
-    groups = ((known_p, "catalogued styles", "#2a7ab9"), (unknown_p, "styles no LoRA paints", "#d9534f"))
-    for vals, label, colour in groups:
-        v = np.asarray(vals, dtype=float)
-        ax.hist(v, bins=bins, weights=np.full(len(v), 100 / max(len(v), 1)), alpha=0.6, color=colour,
-                label=f"{label} ({len(v)} queries)")
-    ax.axvline(0.5, color="black", ls=":", lw=1, label="threshold: below = 'none of these'")
-    ax.set_xlabel("P(the catalog has the query's LoRA)")
-    ax.set_ylabel("% of the group's queries")
-    ax.set_title(title or "'None of these': calibrated top-1 score")
-    ax.legend(fontsize=8)
+    for ax, (name, (known_p, unknown_p)) in zip(axes[0], panels.items()):
+        # each group as a share of its own queries, so 81 unknown queries compare with 360 known ones
+        groups = ((known_p, "catalogued styles", "#2a7ab9"), (unknown_p, "styles no LoRA paints", "#d9534f"))
+        for vals, label, colour in groups:
+            v = np.asarray(vals, dtype=float)
+            ax.hist(v, bins=bins, weights=np.full(len(v), 100 / max(len(v), 1)), alpha=0.6, color=colour,
+                    label=f"{label} ({len(v)} queries)")
+        ax.axvline(0.5, color="black", ls=":", lw=1, label="threshold: below = 'none of these'")
+        ax.set_xlabel("P(the catalog has the query's LoRA)")
+        ax.set_title(name, fontsize=10)
+    axes[0][0].set_ylabel("% of the group's queries")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or "'None of these': calibrated P(match)")
     return save_figure(fig, out_png)
 
 

@@ -214,11 +214,12 @@ STAGE_PARAMS: dict[str, dict[str, Param]] = {
         "temperature": Param("float", lo=1e-4),
         "seeds": Param("list[int]", lo=0, empty=False),
         "open_set_styles": Param("list[str]"),
-        "open_set_set": SET,
+        "open_set_sets": Param("list[str]", empty=False),
         "open_set_images": POS,
         "add_images": POS,
         "folds": NONNEG,
         "latency_queries": POS,
+        "latency_entries": NONNEG,
         "run_name": RUN,
     },
 }

@@ -165,6 +165,7 @@ def overrides(paths: Paths, counts: Counts = DEFAULT, threads: int | None = None
                 "open_set_images": counts.open_set_images,
                 "folds": counts.folds,
                 "latency_queries": counts.latency_queries,
+                "latency_entries": counts.latency_entries,
             },
         },
     }

@@ -82,6 +82,7 @@ class Counts:
     open_set_images: int = 2
     folds: int = 2
     latency_queries: int = 3
+    latency_entries: int = 1000  # stage 08: the index padded to this many entries for the second latency row
 
     def check(self) -> Counts:
         if not 4 <= self.loras <= len(LORAS):

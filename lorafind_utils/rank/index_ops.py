@@ -10,10 +10,9 @@ A LoRA's entry is one unit vector (:mod:`lorafind_utils.rank.style_index`, faiss
 Adding a LoRA restyles a few base images with it, embeds them and adds one vector: no training.
 A LoRA known only by its preview images is added from them (``source: thumbnails``).
 
-"None of these": the top-1 cosine is calibrated into P(the catalog has the query's LoRA) by a
-logistic regression fitted on validation data: stage-01 images of the validation base images,
-scored once against the full index (their LoRA is in it) and once against the index without
-their LoRA (leave-one-LoRA-out: a style the catalog does not have). The threshold is P = 0.5.
+"None of these": the ranking's best score is calibrated into P(the catalog has the query's LoRA)
+on validation data (:mod:`lorafind_utils.rank.open_set`: top-1 cosine, CSLS or per-entry spread,
+whichever validates best). The threshold is P = 0.5.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from lorafind_utils.core import layout
 from lorafind_utils.core.config import load_catalog, stage_params
+from lorafind_utils.rank.open_set import CANDIDATES, fit_calibration, match_probability
 from lorafind_utils.rank.style_index import StyleIndex
 
 STAGE = "08_index"
@@ -149,21 +149,35 @@ def photo_centroid(encoder, sd: StyleData, ids: list[str], embedded: Embedded | 
     return encoder.embed(x).mean(0)
 
 
-def entry_vector(z: np.ndarray, variant: str, z_base: np.ndarray | None = None) -> np.ndarray:
-    """One entry vector from the embeddings ``z`` of a LoRA's images; ``z_base``: of their base photos."""
+def _directions(z: np.ndarray, variant: str, z_base: np.ndarray | None) -> np.ndarray:
+    """The rows an entry averages: unit embeddings, or (content-cancelled) unit image - photo."""
     if variant == "content_cancelled":
         if z_base is None:
             raise ValueError("content-cancelled entries need the base photos of the LoRA's images")
-        d = z - z_base
-        z = d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-12)
-    v = z.mean(0)
+        z = z - z_base
+        z = z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-12)
+    return z
+
+
+def entry_vector(z: np.ndarray, variant: str, z_base: np.ndarray | None = None) -> np.ndarray:
+    """One entry vector from the embeddings ``z`` of a LoRA's images; ``z_base``: of their base photos."""
+    v = _directions(z, variant, z_base).mean(0)
     return v / (np.linalg.norm(v) + 1e-12)
 
 
-def lora_vectors(encoder, x, variant: str, base_x=None) -> np.ndarray:
-    """One entry vector from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``: their base photos."""
+def self_similarity(z: np.ndarray, vector: np.ndarray, variant: str, z_base: np.ndarray | None = None) -> list[float]:
+    """(mean, sd) similarity of a LoRA's own images to its entry vector (the ``spread`` score's scale)."""
+    c = _directions(z, variant, z_base) @ vector
+    return [round(float(c.mean()), 6), round(float(c.std()), 6)]
+
+
+def lora_entry(encoder, x, variant: str, base_x=None) -> tuple[np.ndarray, list[float]]:
+    """(entry vector, its self-similarity) from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``: their
+    base photos."""
+    z = encoder.embed(x)
     z_base = encoder.embed(base_x) if variant == "content_cancelled" and base_x is not None else None
-    return entry_vector(encoder.embed(x), variant, z_base)
+    v = entry_vector(z, variant, z_base)
+    return v, self_similarity(z, v, variant, z_base)
 
 
 def queries_as(z: np.ndarray, variant: str, centroid: np.ndarray | None) -> np.ndarray:
@@ -204,9 +218,11 @@ def build_index(encoder, sd: StyleData, variant: str, catalog: list[dict], ids: 
             continue
         rows = [i for i, (y, g) in enumerate(zip(sd.data.y.tolist(), sd.data.groups)) if y == k and g in ids]
         z_base = np.stack([emb.photos[sd.data.groups[i]] for i in rows]) if variant == "content_cancelled" else None
-        index.add(slug, entry_vector(emb.images[rows], variant, z_base),
+        v = entry_vector(emb.images[rows], variant, z_base)
+        index.add(slug, v,
                   {"short": short[slug]["short"], "file": Path(short[slug]["path"]).name, "source": "synthesized",
-                   "n_images": len(rows), "sha256": short[slug].get("sha256") or ""})
+                   "n_images": len(rows), "sha256": short[slug].get("sha256") or "",
+                   "self_sim": self_similarity(emb.images[rows], v, variant, z_base)})
     if variant == "content_cancelled":
         index.params["photo_centroid"] = photo_centroid(encoder, sd, sorted(ids), emb).astype(float).round(6).tolist()
     return index
@@ -223,43 +239,11 @@ def search_vectors(index: StyleIndex, z: np.ndarray, k: int | None = None) -> li
 
 # --- "none of these" ---------------------------------------------------------------------------
 
-def _features(scores: list[list[tuple[str, float]]]) -> np.ndarray:
-    s1 = np.array([r[0][1] for r in scores])
-    s2 = np.array([r[1][1] if len(r) > 1 else -1.0 for r in scores])
-    return np.stack([s1, s1 - s2], axis=1)
-
-
 def calibrate(index: StyleIndex, z_val: np.ndarray, y_val: list[str]) -> dict:
-    """Fit P(match) on validation images (known: full index; unknown: leave their LoRA out) and
-    store it in the index's parameters. Returns the calibration record (with its validation AUROC)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    full = search_vectors(index, z_val)
-    known = _features(full)
-    # the same query against the index without its own LoRA: its ranking minus that entry
-    held = [[(n, s) for n, s in r if n != y] for r, y in zip(full, y_val)]
-    unknown = _features(held)
-    x = np.concatenate([known, unknown])
-    t = np.concatenate([np.ones(len(known)), np.zeros(len(unknown))])
-    lr = LogisticRegression(class_weight="balanced").fit(x, t)
-    p = lr.predict_proba(x)[:, 1]
-    rec = {"score": "top-1 cosine and its margin over the 2nd", "coef": lr.coef_[0].round(6).tolist(),
-           "intercept": round(float(lr.intercept_[0]), 6), "threshold_p": 0.5,
-           "validation": {"queries": int(len(known)), "auroc": round(float(roc_auc_score(t, p)), 4),
-                          "how": "stage-01 images of the validation base images; unknown = the same image with its "
-                                 "own LoRA left out of the index"}}
-    index.params["calibration"] = rec
-    return rec
-
-
-def match_probability(index: StyleIndex, scores: list[list[tuple[str, float]]]) -> np.ndarray:
-    """P(the catalog has the query's LoRA) per query (0.5 when the index was never calibrated)."""
-    cal = index.params.get("calibration")
-    if not cal or not scores:
-        return np.full(len(scores), 0.5)
-    z = _features(scores) @ np.asarray(cal["coef"]) + cal["intercept"]
-    return 1 / (1 + np.exp(-z))
+    """Fit P(match) on validation images (known: full index; unknown: leave their LoRA out) under every
+    score of :mod:`lorafind_utils.rank.open_set`, keep the best and store it in the index's parameters.
+    Returns the calibration record (with each score's validation AUROC)."""
+    return fit_calibration(index, search_vectors(index, z_val), y_val)
 
 
 # --- ranking ------------------------------------------------------------------------------------
@@ -268,8 +252,9 @@ class IndexRanker:
     """Ranks the index's LoRAs for query images; the index is re-read when it changes on disk, so a
     LoRA added by ``lorafind index add`` is seen by the next query (the widget included)."""
 
-    def __init__(self, cfg: dict, encoder, folder: Path):
-        self.cfg, self.encoder, self.folder = cfg, encoder, Path(folder)
+    def __init__(self, cfg: dict, encoder, folder: Path, top_k: int | None = None):
+        """``top_k``: LoRAs per ranking (None: every entry; a large catalog wants a few)."""
+        self.cfg, self.encoder, self.folder, self.top_k = cfg, encoder, Path(folder), top_k
         self._index, self._stamp = None, None
         self.backbone = f"style index ({encoder.kind} encoder)"
 
@@ -319,14 +304,15 @@ class IndexRanker:
         from lorafind_utils.rank.classifier_ranker import Ranking
 
         index = self.index
-        scores = search_vectors(index, z) if len(z) else []
+        k = None if self.top_k is None else max(int(self.top_k), CANDIDATES)  # what P(match) reads
+        scores = search_vectors(index, z, k) if len(z) else []
         probs = match_probability(index, scores)
         out, j = [], 0
         for name, err in zip(names, errors):
             if err is not None:
                 out.append(err)
                 continue
-            r = scores[j]
+            r = scores[j][: self.top_k]
             out.append(Ranking(name, [n for n, _ in r], [index.entry(n).meta.get("short", n) for n, _ in r],
                                [float(s) for _, s in r], match=bool(probs[j] >= 0.5), match_p=float(probs[j]),
                                method="index"))
@@ -448,11 +434,11 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
                      for im in ims])
     base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
                           for b in prepared]) if index.variant == "content_cancelled" else None
-    vec = lora_vectors(enc, x, index.variant, base_x)
+    vec, self_sim = lora_entry(enc, x, index.variant, base_x)
     from lorafind_utils.core.files import sha256_file
 
     meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
-            "sha256": sha256_file(file), "layout": info.layout}
+            "sha256": sha256_file(file), "layout": info.layout, "self_sim": self_sim}
     with index_lock(ranker.folder):  # read, add, save: all under the lock (another add may have landed)
         index = ranker.read_fresh()
         if slug in index and not replace:
@@ -491,9 +477,9 @@ def add_thumbnails(cfg: dict, folder: str | Path, name: str, replace: bool = Fal
         if name in index and not replace:
             raise _exists_error(name, ranker.folder)
         z = queries_as(z_raw, index.variant, stored_centroid(index))
-        v = z.mean(0)
-        index.add(name, v / (np.linalg.norm(v) + 1e-12), {"short": name, "file": "", "source": "thumbnails",
-                                                            "n_images": int(len(z))}, replace=replace)
+        v = entry_vector(z, "prototype")  # previews are measured as queries are: already in the entries' space
+        index.add(name, v, {"short": name, "file": "", "source": "thumbnails", "n_images": int(len(z)),
+                            "self_sim": self_similarity(z, v, "prototype")}, replace=replace)
         index.save(ranker.folder)
     log(f"added {name} from {len(z)} preview images" + (f" ({len(bad)} unreadable: {'; '.join(bad)})" if bad else ""))
     return {"name": name, "images": int(len(z)), "skipped": bad, "entries": len(index)}

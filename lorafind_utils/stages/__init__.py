@@ -319,10 +319,8 @@ def index(cfg: dict, params: dict, source: str = "parameters", progress: bool = 
             log(layout.figure(cfg, name).read_text())
     chance = {m: 100 * v for m, v in res["chance"].items()}
     figs = [_plot(methods_plot, res["methods_df"], chance=chance, out=layout.figure(cfg, "index_methods.png"))]
-    if len(res["unknown_p"]):
-        figs.append(
-            _plot(open_set_plot, res["known_p"], res["unknown_p"], out=layout.figure(cfg, "index_open_set.png"))
-        )
+    if res["open_set_panels"]:
+        figs.append(_plot(open_set_plot, res["open_set_panels"], out=layout.figure(cfg, "index_open_set.png")))
     return {**res, "figures": figs}
 
 

@@ -82,16 +82,16 @@ def _run_stage(cfg: dict, p: dict, progress: bool, log) -> dict:
     results: dict = {"queries": len(queries), "chance": {"top1": 1 / k, "mrr": float(np.mean(1 / np.arange(1, k + 1)))}}
 
     ctx = _Stage08(cfg, p, catalog, k, sd, queries, clf_metrics, q_truth, val_rows, val_y, results, progress)
-    methods, (enc, index, zq) = _compare_methods(ctx)
+    methods, (enc, index, zq), others = _compare_methods(ctx)
     folder = index.save(layout.index_dir(cfg, p["encoder"], p["variant"]))
     log(f"index saved: {folder} ({len(index)} LoRAs, {enc.kind} encoder, {p['variant']})")
     _leave_loras_out(ctx)
-    known_p, unknown_p = _open_set(ctx, enc, index, zq)
+    panels = _open_set(ctx, {enc.kind: (enc, index, zq), **others})
     _thumbnail_entries(ctx, index, zq)
     _costs(ctx, enc, folder)
     _stage07_lora(ctx, enc, folder, log)
     write_json_atomic(results, layout.index_results(cfg, "stage08"))
-    results["known_p"], results["unknown_p"] = known_p, unknown_p
+    results["open_set_panels"] = panels
     results["methods_df"], results["index_folder"] = methods, folder
     return results
 
@@ -115,7 +115,7 @@ class _Stage08:
 
 def _compare_methods(c: _Stage08):
     """1. every encoder (trained over seeds) x both entry variants, on Table 3's queries: (table, the default's
-    (encoder, index, query embeddings))."""
+    (encoder, index, query embeddings), the same of every other encoder with the default's variant)."""
     import pandas as pd
 
     from lorafind_utils.core.files import write_csv_atomic, write_markdown_table
@@ -123,7 +123,7 @@ def _compare_methods(c: _Stage08):
 
     cfg, p, catalog, k, sd = c.cfg, c.p, c.catalog, c.k, c.sd
     queries, q_truth, results = c.queries, c.q_truth, c.results
-    method_rows, per_run, default = [], [], None
+    method_rows, per_run, default, others = [], [], None, {}
     variants = ("prototype", "content_cancelled")
     for kind in p["compare"]:
         seeds = p["seeds"] if kind == "trained" else [None]
@@ -145,6 +145,8 @@ def _compare_methods(c: _Stage08):
                 )
                 if kind == p["encoder"] and v == p["variant"] and default is None:
                     default = (enc, index, zq)
+                elif v == p["variant"] and kind != p["encoder"] and kind not in others:
+                    others[kind] = (enc, index, zq)  # the other encoders' "none of these", for the open-set table
         for v in variants:
             method_rows.append({"method": f"index: {kind} encoder", "entry": v.replace("_", "-"), **_summary(runs[v])})
     method_rows.append({"method": "classifier (stage 02, retrained per catalog)", "entry": "",
@@ -171,7 +173,7 @@ def _compare_methods(c: _Stage08):
     results["runs"] = per_run
     if default is None:
         raise ValueError(f"08_index: encoder '{p['encoder']}' must be one of compare {p['compare']}")
-    return methods, default
+    return methods, default, others
 
 
 def _leave_loras_out(c: _Stage08):
@@ -240,57 +242,85 @@ def _fold(c: _Stage08, kind: str, f: int) -> dict:
             "classifier12_new": retrieval_metrics([r for r, n in zip(clf, is_new) if n], k)}
 
 
-def _open_set(c: _Stage08, enc, index: StyleIndex, zq: np.ndarray):
-    """3. "none of these": queries in styles no LoRA paints vs the catalogued ones (Table 3's queries)."""
+def _open_set(c: _Stage08, encoders: dict):
+    """3. "none of these": queries in styles no LoRA paints vs the catalogued ones (Table 3's queries), for
+    each encoder's index (``encoders``: kind -> (encoder, calibrated index, Table 3's query embeddings), the
+    profile's first) under every calibrated score. The uncatalogued styles are applied to each of the
+    ``open_set_sets`` (the first is the headline: the style samples' own photos, so only the style differs).
+    Returns the figure's panels: {title: (catalogued P(match), uncatalogued P(match))} of the fitted encoders'
+    indexes under their kept score, on the first set."""
     from sklearn.metrics import roc_auc_score
 
     from lorafind_utils.core.files import write_markdown_table
     from lorafind_utils.core.images import load_rgb, read_base_set, square_resize
     from lorafind_utils.core.styles import apply_style
+    from lorafind_utils.models.style_encoder import FITTED
+    from lorafind_utils.rank.open_set import SCORES
 
     cfg, p, results = c.cfg, c.p, c.results
-    photos = read_base_set(layout.base_set_dir(cfg, p["open_set_set"]))[: p["open_set_images"]]
     size = int(stage_params(cfg, "01_synthesize")["resolution"])
-    unknown_imgs, unknown_names = [], []
-    for style in p["open_set_styles"]:
-        for b in photos:
-            unknown_imgs.append(apply_style(style, square_resize(load_rgb(b.path), size)))
-            unknown_names.append(f"{style}/{b.id}")
-    known_p = match_probability(index, search_vectors(index, zq))
-    unknown_scores = search_vectors(index, enc.embed_images(unknown_imgs)) if unknown_imgs else []
-    unknown_p = match_probability(index, unknown_scores)
-    open_set = {}
-    if len(unknown_p):
-        t = np.concatenate([np.ones(len(known_p)), np.zeros(len(unknown_p))])
-        open_set = {
-            "auroc": float(roc_auc_score(t, np.concatenate([known_p, unknown_p]))),
-            "none_rate_known": float(np.mean(known_p < 0.5)),
-            "none_rate_unknown": float(np.mean(unknown_p < 0.5)),
-            "known": len(known_p),
-            "unknown": len(unknown_p),
-            "styles": p["open_set_styles"],
-            "validation_auroc": index.params["calibration"]["validation"]["auroc"],
-        }
-        write_markdown_table(
-            layout.figure(cfg, "index_open_set.md"),
-            ["queries", "count", "'none of these' at P(match) < 0.5"],
-            [
-                [
-                    "catalogued styles (Table 3's queries)",
-                    str(len(known_p)),
-                    f"{100 * open_set['none_rate_known']:.1f} %",
-                ],
-                [
-                    f"styles no LoRA paints ({', '.join(p['open_set_styles'])})",
-                    str(len(unknown_p)),
-                    f"{100 * open_set['none_rate_unknown']:.1f} %",
-                ],
-            ],
-            f"AUROC of P(match) {open_set['auroc']:.3f} (validation, leave-one-LoRA-out: "
-            f"{open_set['validation_auroc']:.3f}). Index: {enc.kind} encoder, {p['variant']} entries.",
-        )
+    unknown = {}
+    for set_name in p["open_set_sets"]:
+        photos = read_base_set(layout.base_set_dir(cfg, set_name))[: p["open_set_images"]]
+        imgs = [apply_style(style, square_resize(load_rgb(b.path), size)) for style in p["open_set_styles"]
+                for b in photos]
+        if imgs:
+            unknown[set_name] = imgs
+    results["open_set"] = {}
+    if not unknown:
+        return {}
+    rows, by_encoder, headline, panels = [], {}, None, {}
+    for kind, (enc, index, zq) in encoders.items():
+        cal = index.params["calibration"]
+        known_scores = search_vectors(index, zq)
+        by_score = {s: {"validation": cal["candidates"][s]["auroc"]} for s in SCORES}
+        for set_name, imgs in unknown.items():
+            unknown_scores = search_vectors(index, enc.embed_images(imgs))
+            t = np.concatenate([np.ones(len(known_scores)), np.zeros(len(unknown_scores))])
+            for s in SCORES:
+                kp, up = match_probability(index, known_scores, s), match_probability(index, unknown_scores, s)
+                by_score[s][set_name] = float(roc_auc_score(t, np.concatenate([kp, up])))
+                if s == cal["score"] and set_name == next(iter(unknown)):
+                    if headline is None:
+                        headline = (kind, s, set_name, kp, up, cal)
+                    if kind in FITTED or kind == p["encoder"]:
+                        auc = by_score[s][set_name]
+                        star = " (the profile's index)" if kind == p["encoder"] else ""
+                        panels[f"{kind} encoder{star}, {s}: AUROC {auc:.3f}"] = (kp, up)
+        by_encoder[kind] = by_score
+        for s in SCORES:
+            rows.append([f"{kind}" + (" (the profile's index)" if kind == p["encoder"] else ""),
+                         s + (" (kept: best on validation)" if s == cal["score"] else ""),
+                         f"{by_score[s]['validation']:.3f}", *[f"{by_score[s][n]:.3f}" for n in unknown]])
+    kind, score, set_name, known_p, unknown_p, cal = headline
+    open_set = {
+        "encoder": kind,
+        "score": score,
+        "auroc": by_encoder[kind][score][set_name],
+        "photos": set_name,
+        "none_rate_known": float(np.mean(known_p < 0.5)),
+        "none_rate_unknown": float(np.mean(unknown_p < 0.5)),
+        "known": len(known_p),
+        "unknown": len(unknown_p),
+        "styles": p["open_set_styles"],
+        "validation_auroc": cal["validation"]["auroc"],
+        "by_encoder": by_encoder,
+    }
+    styles = ", ".join(p["open_set_styles"])
+    write_markdown_table(
+        layout.figure(cfg, "index_open_set.md"),
+        ["index encoder", "'none of these' score", "validation AUROC",
+         *[f"AUROC: {styles} on {n} photos ({len(v)})" for n, v in unknown.items()]],
+        rows,
+        f"Catalogued: Table 3's {len(known_p)} queries. Validation: stage-01 images of the validation base images "
+        f"against each index with and without their LoRA; each index keeps its best score there. The profile's "
+        f"index ({kind} encoder, {score}, P(match) < 0.5) says 'none of these' for "
+        f"{100 * open_set['none_rate_known']:.1f} % of catalogued queries and "
+        f"{100 * open_set['none_rate_unknown']:.1f} % of uncatalogued ones on {set_name} photos. "
+        f"Entries: {p['variant']}.",
+    )
     results["open_set"] = open_set
-    return known_p, unknown_p
+    return panels
 
 
 def _thumbnail_entries(c: _Stage08, index: StyleIndex, zq: np.ndarray):
@@ -355,6 +385,8 @@ def _costs(c: _Stage08, enc, folder: Path):
         ranker.rank_files([queries[i % len(queries)]["file"]])
         lat.append(1000 * (time.perf_counter() - t0))
     results["latency_ms"] = {"p50": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "n": len(lat)}
+    big = _padded_latency(c, enc, folder) if p["latency_entries"] > len(catalog) else []
+    results["latency_padded"] = big
     tv = results["thumbnails_vs_synth"]
     cost_rows = [
         [
@@ -367,6 +399,13 @@ def _costs(c: _Stage08, enc, folder: Path):
             "one query, file → ranking (model loaded)",
             f"p50 {results['latency_ms']['p50']:.1f} ms, p90 {results['latency_ms']['p90']:.1f} ms",
         ],
+        *[
+            [
+                f"one query, file → top-10 ranking and P(match), {b['entries']:,} entries ({b['kind']})",
+                f"p50 {b['p50']:.1f} ms, p90 {b['p90']:.1f} ms (built in {b['build_s']:.1f} s)",
+            ]
+            for b in big
+        ],
         [
             "entries from the LoRAs' own previews (leave-one-out)",
             f"top-1 {100 * tv['thumbnails']['top1']:.1f} %, MRR {100 * tv['thumbnails']['mrr']:.1f} %",
@@ -378,6 +417,44 @@ def _costs(c: _Stage08, enc, folder: Path):
     ]
     write_markdown_table(layout.figure(cfg, "index_costs.md"), ["measure", "value"], cost_rows,
                          f"Index: {enc.kind} encoder, {p['variant']} entries; CPU ({cfg['name']} profile).")
+
+
+def _padded_latency(c: _Stage08, enc, folder: Path) -> list[dict]:
+    """One query file -> its top-10 ranking and P(match), end to end, with the index padded to
+    ``latency_entries`` by synthetic entries (each a real entry's vector plus noise), as the profile's
+    ``auto`` kind builds it and as HNSW. A scratch copy: the profile's index is not changed."""
+    import shutil
+    import tempfile
+
+    p, queries = c.p, c.queries
+    out = []
+    with tempfile.TemporaryDirectory(prefix="lorafind-latency-") as tmp:
+        index = StyleIndex.load(folder)
+        real = index.vectors()
+        n = int(p["latency_entries"]) - len(index)
+        rng = np.random.default_rng(0)
+        pad = real[rng.integers(0, len(real), n)] + rng.normal(0, 0.5 / np.sqrt(index.dim), (n, index.dim))
+        index.add_many([f"synthetic_{i:07d}" for i in range(n)], pad.astype(np.float32))
+        for kind in ("auto", "hnsw"):
+            if out and out[0]["kind"] == kind:
+                continue  # auto chose HNSW already
+            scratch = Path(tmp) / kind
+            shutil.copytree(folder, scratch)
+            index.kind = kind
+            t0 = time.perf_counter()
+            index.save(scratch)
+            build_s = time.perf_counter() - t0
+            ranker = IndexRanker(c.cfg, enc, scratch, top_k=10)
+            ranker.rank_files([queries[0]["file"]])  # warm-up (and the index read)
+            lat = []
+            for i in range(p["latency_queries"]):
+                t0 = time.perf_counter()
+                ranker.rank_files([queries[i % len(queries)]["file"]])
+                lat.append(1000 * (time.perf_counter() - t0))
+            out.append({"entries": len(index), "kind": ranker.index.built_kind or kind, "build_s": build_s,
+                        "p50": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "n": len(lat)})
+            shutil.rmtree(scratch)
+    return out
 
 
 def _stage07_lora(c: _Stage08, enc, folder: Path, log=print) -> None:
