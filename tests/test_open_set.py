@@ -22,11 +22,15 @@ def test_csls_discounts_an_entry_close_to_every_query():
     scores = [[("hub", 0.9), ("a", 0.5)], [("hub", 0.8), ("b", 0.7)], [("a", 0.95), ("hub", 0.85)]]
     hub = hubness(scores, k=2)
     assert hub == pytest.approx({"hub": 0.875, "a": 0.725, "b": 0.7})
+    # of other LoRAs' queries only: the hub's 0.85 to a's own query still counts, a's 0.95 does not
+    assert hubness(scores, ["hub", "b", "a"], k=2) == pytest.approx({"hub": 0.825, "a": 0.5})
     ix = _index({"hub": _unit([1, 0, 0]), "a": _unit([0, 1, 0]), "b": _unit([0, 0, 1])})
-    # query 1: cosine prefers the hub by 0.4; CSLS (2 cos - r) by 0.2 (1.8 - 0.875 against 1.0 - 0.725)
+    # query 1: cosine prefers the hub by 0.4; CSLS (2 cos - r_e - r_q, r_q = 0.7) by 0.25
     f = features(ix, scores[:1], "csls", {"hubness": hub})
-    assert f[0] == pytest.approx([0.925, 0.925 - 0.275])
+    assert f[0] == pytest.approx([1.8 - 0.875 - 0.7, (1.8 - 0.875) - (1.0 - 0.725)])
     assert features(ix, scores[:1], "cosine")[0] == pytest.approx([0.9, 0.4])
+    # one entry: no margin; no entry (an empty index): no match
+    assert features(ix, [[("a", 0.7)], []], "cosine") == pytest.approx(np.array([[0.7, 0.0], [-1e3, 0.0]]))
 
 
 def test_spread_rescales_each_entry_by_its_own_images():
@@ -35,10 +39,21 @@ def test_spread_rescales_each_entry_by_its_own_images():
     # the same cosine is far below a tight LoRA's own images, and above a loose one's
     f = features(ix, [[("tight", 0.8), ("loose", 0.8)]], "spread")
     assert f[0] == pytest.approx([1.0, 16.0])
-    # an entry without a record takes the median given
+    # an entry without a record takes the index's median, and every sd is floored at half the median's
     ix.add("bare", _unit([1, 1]))
-    f = features(ix, [[("bare", 0.8)]], "spread", {"self_sim_median": [0.6, 0.1]})
-    assert f[0][0] == pytest.approx(2.0)
+    f = features(ix, [[("bare", 0.8), ("tight", 0.8)]], "spread", {"self_sim_median": [0.6, 0.1]})
+    assert f[0] == pytest.approx([2.0, 2.0 - (0.8 - 0.95) / 0.05])
+
+
+def test_self_similarity_measures_each_image_against_the_entry_of_the_others():
+    from lorafind_utils.rank.index_ops import self_similarity
+
+    z = np.array([_unit([1, 0, 0]), _unit([1, 1, 0]), _unit([1, 0, 1]), _unit([1, 1, 1])], np.float32)
+    mu, sd = self_similarity(z, "prototype")
+    want = [float(z[i] @ _unit(z.sum(0) - z[i])) for i in range(4)]
+    assert mu == pytest.approx(np.mean(want), abs=1e-5) and sd == pytest.approx(np.std(want), abs=1e-5)
+    assert mu < float(np.mean(z @ _unit(z.sum(0))))  # below the in-sample similarity it would otherwise report
+    assert self_similarity(z[:2], "prototype") is None  # too few images to say: the index's median is used
 
 
 def test_the_best_score_on_validation_is_kept_and_used():
@@ -75,3 +90,5 @@ def test_an_index_calibrated_before_the_candidates_still_answers():
     ix.params["calibration"] = {"score": "top-1 cosine and its margin over the 2nd", "coef": [10.0, 0.0],
                                 "intercept": -5.0}
     assert match_probability(ix, [[("a", 0.9), ("b", 0.1)]]) == pytest.approx([1 / (1 + np.exp(-4.0))])
+    with pytest.raises(ValueError, match="calibrated for the 'cosine' score only"):
+        match_probability(ix, [[("a", 0.9), ("b", 0.1)]], score="csls")

@@ -165,19 +165,25 @@ def entry_vector(z: np.ndarray, variant: str, z_base: np.ndarray | None = None) 
     return v / (np.linalg.norm(v) + 1e-12)
 
 
-def self_similarity(z: np.ndarray, vector: np.ndarray, variant: str, z_base: np.ndarray | None = None) -> list[float]:
-    """(mean, sd) similarity of a LoRA's own images to its entry vector (the ``spread`` score's scale)."""
-    c = _directions(z, variant, z_base) @ vector
+def self_similarity(z: np.ndarray, variant: str, z_base: np.ndarray | None = None,
+                    centroid: np.ndarray | None = None) -> list[float] | None:
+    """(mean, sd) similarity of a LoRA's own images, each measured as a query is (:func:`queries_as`),
+    to the entry made from its other images -- the ``spread`` score's scale; None under 3 images."""
+    d = _directions(z, variant, z_base)
+    if len(d) < 3:
+        return None
+    others = d.sum(0)[None, :] - d
+    others /= np.linalg.norm(others, axis=1, keepdims=True) + 1e-12
+    c = (queries_as(z, variant, centroid) * others).sum(1)
     return [round(float(c.mean()), 6), round(float(c.std()), 6)]
 
 
-def lora_entry(encoder, x, variant: str, base_x=None) -> tuple[np.ndarray, list[float]]:
-    """(entry vector, its self-similarity) from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``: their
-    base photos."""
+def lora_entry(encoder, x, variant: str, base_x=None, centroid: np.ndarray | None = None):
+    """(entry vector, its self-similarity or None) from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``:
+    their base photos, ``centroid``: the index's photo centroid (both for content-cancelled entries)."""
     z = encoder.embed(x)
     z_base = encoder.embed(base_x) if variant == "content_cancelled" and base_x is not None else None
-    v = entry_vector(z, variant, z_base)
-    return v, self_similarity(z, v, variant, z_base)
+    return entry_vector(z, variant, z_base), self_similarity(z, variant, z_base, centroid)
 
 
 def queries_as(z: np.ndarray, variant: str, centroid: np.ndarray | None) -> np.ndarray:
@@ -213,6 +219,7 @@ def build_index(encoder, sd: StyleData, variant: str, catalog: list[dict], ids: 
     emb = embedded or embed_style_data(encoder, sd)
     short = {e["slug"]: e for e in catalog}
     index = StyleIndex.create(encoder.dim, encoder.describe(), kind="auto", variant=variant)
+    centroid = photo_centroid(encoder, sd, sorted(ids), emb) if variant == "content_cancelled" else None
     for k, slug in enumerate(sd.classes):
         if classes is not None and slug not in classes:
             continue
@@ -222,9 +229,9 @@ def build_index(encoder, sd: StyleData, variant: str, catalog: list[dict], ids: 
         index.add(slug, v,
                   {"short": short[slug]["short"], "file": Path(short[slug]["path"]).name, "source": "synthesized",
                    "n_images": len(rows), "sha256": short[slug].get("sha256") or "",
-                   "self_sim": self_similarity(emb.images[rows], v, variant, z_base)})
-    if variant == "content_cancelled":
-        index.params["photo_centroid"] = photo_centroid(encoder, sd, sorted(ids), emb).astype(float).round(6).tolist()
+                   "self_sim": self_similarity(emb.images[rows], variant, z_base, centroid)})
+    if centroid is not None:
+        index.params["photo_centroid"] = centroid.astype(float).round(6).tolist()
     return index
 
 
@@ -434,7 +441,7 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
                      for im in ims])
     base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
                           for b in prepared]) if index.variant == "content_cancelled" else None
-    vec, self_sim = lora_entry(enc, x, index.variant, base_x)
+    vec, self_sim = lora_entry(enc, x, index.variant, base_x, stored_centroid(index))
     from lorafind_utils.core.files import sha256_file
 
     meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
@@ -479,7 +486,7 @@ def add_thumbnails(cfg: dict, folder: str | Path, name: str, replace: bool = Fal
         z = queries_as(z_raw, index.variant, stored_centroid(index))
         v = entry_vector(z, "prototype")  # previews are measured as queries are: already in the entries' space
         index.add(name, v, {"short": name, "file": "", "source": "thumbnails", "n_images": int(len(z)),
-                            "self_sim": self_similarity(z, v, "prototype")}, replace=replace)
+                            "self_sim": self_similarity(z, "prototype")}, replace=replace)
         index.save(ranker.folder)
     log(f"added {name} from {len(z)} preview images" + (f" ({len(bad)} unreadable: {'; '.join(bad)})" if bad else ""))
     return {"name": name, "images": int(len(z)), "skipped": bad, "entries": len(index)}

@@ -309,7 +309,7 @@ def _open_set(c: _Stage08, encoders: dict):
     styles = ", ".join(p["open_set_styles"])
     write_markdown_table(
         layout.figure(cfg, "index_open_set.md"),
-        ["index encoder", "'none of these' score", "validation AUROC",
+        ["index encoder", "'none of these' score", "validation AUROC (out of fold)",
          *[f"AUROC: {styles} on {n} photos ({len(v)})" for n, v in unknown.items()]],
         rows,
         f"Catalogued: Table 3's {len(known_p)} queries. Validation: stage-01 images of the validation base images "
