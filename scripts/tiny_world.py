@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from lorafind_utils.core.config import project_root
 from lorafind_utils.core.files import atomic_path, write_json_atomic
+from lorafind_utils.models.standins import SD15_SCHEDULER
 
 REPO = project_root()
 WORLD_DIR = REPO / "data" / "tiny_world"
@@ -65,8 +66,6 @@ CANNY = (100, 200)
 VAL_EVERY = 8
 TRAIN_SETS = ("variety", "faces", "lora_train")
 
-SD15_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  prediction_type="epsilon", steps_offset=1)
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -261,7 +260,7 @@ def build_unet(seed: int):
 def ddpm():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SD15_BETAS)
+    return DDPMScheduler(**SD15_SCHEDULER)
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -769,7 +768,7 @@ def ship_base(vae, unet, te, tok, folder: Path | None = None) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe = StableDiffusionPipeline(vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(te).half(), tokenizer=tok,
-                                   unet=copy.deepcopy(unet).half(), scheduler=UniPCMultistepScheduler(**SD15_BETAS),
+                                   unet=copy.deepcopy(unet).half(), scheduler=UniPCMultistepScheduler(**SD15_SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp)
     # the slow-tokenizer files (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.6 MB): same ids

@@ -178,12 +178,11 @@ def self_similarity(z: np.ndarray, variant: str, z_base: np.ndarray | None = Non
     return [round(float(c.mean()), 6), round(float(c.std()), 6)]
 
 
-def lora_entry(encoder, x, variant: str, base_x=None, centroid: np.ndarray | None = None):
-    """(entry vector, its self-similarity or None) from a LoRA's images (uint8 [N, 3, S, S]); ``base_x``:
-    their base photos, ``centroid``: the index's photo centroid (both for content-cancelled entries)."""
-    z = encoder.embed(x)
+def lora_embeddings(encoder, x, variant: str, base_x=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The embeddings of a LoRA's images (uint8 [N, 3, S, S]) and, for content-cancelled entries, of
+    their base photos ``base_x``: what :func:`entry_vector` and :func:`self_similarity` read."""
     z_base = encoder.embed(base_x) if variant == "content_cancelled" and base_x is not None else None
-    return entry_vector(z, variant, z_base), self_similarity(z, variant, z_base, centroid)
+    return encoder.embed(x), z_base
 
 
 def queries_as(z: np.ndarray, variant: str, centroid: np.ndarray | None) -> np.ndarray:
@@ -441,15 +440,18 @@ def add_lora(cfg: dict, file: str | Path, n_images: int | None = None, name: str
                      for im in ims])
     base_x = torch.stack([torch.from_numpy(np.asarray(b.init.resize((enc.image_size,) * 2)).copy()).permute(2, 0, 1)
                           for b in prepared]) if index.variant == "content_cancelled" else None
-    vec, self_sim = lora_entry(enc, x, index.variant, base_x, stored_centroid(index))
+    z, z_base = lora_embeddings(enc, x, index.variant, base_x)
+    vec = entry_vector(z, index.variant, z_base)
     from lorafind_utils.core.files import sha256_file
 
     meta = {"short": slug, "file": file.name, "source": "synthesized", "n_images": len(ims),
-            "sha256": sha256_file(file), "layout": info.layout, "self_sim": self_sim}
+            "sha256": sha256_file(file), "layout": info.layout}
     with index_lock(ranker.folder):  # read, add, save: all under the lock (another add may have landed)
         index = ranker.read_fresh()
         if slug in index and not replace:
             raise _exists_error(slug, ranker.folder)
+        # measured against the index as it is now (its photo centroid), not as first read
+        meta["self_sim"] = self_similarity(z, index.variant, z_base, stored_centroid(index))
         index.add(slug, vec, meta, replace=replace)
         index.save(ranker.folder)
     secs = time.perf_counter() - t0

@@ -378,13 +378,7 @@ def _costs(c: _Stage08, enc, folder: Path):
         "ratio": add["seconds"] / retrain if retrain == retrain else None,
     }
     ranker = IndexRanker(cfg, enc, folder)
-    lat = []
-    ranker.rank_files([queries[0]["file"]])  # warm-up
-    for i in range(p["latency_queries"]):
-        t0 = time.perf_counter()
-        ranker.rank_files([queries[i % len(queries)]["file"]])
-        lat.append(1000 * (time.perf_counter() - t0))
-    results["latency_ms"] = {"p50": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "n": len(lat)}
+    results["latency_ms"] = _query_latency(ranker, queries, p["latency_queries"])
     big = _padded_latency(c, enc, folder) if p["latency_entries"] > len(catalog) else []
     results["latency_padded"] = big
     tv = results["thumbnails_vs_synth"]
@@ -419,6 +413,17 @@ def _costs(c: _Stage08, enc, folder: Path):
                          f"Index: {enc.kind} encoder, {p['variant']} entries; CPU ({cfg['name']} profile).")
 
 
+def _query_latency(ranker: IndexRanker, queries: list, n: int) -> dict:
+    """p50 / p90 (ms) of ``n`` single queries, file -> ranking, after one warm-up (which reads the index)."""
+    ranker.rank_files([queries[0]["file"]])
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        ranker.rank_files([queries[i % len(queries)]["file"]])
+        lat.append(1000 * (time.perf_counter() - t0))
+    return {"p50": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "n": len(lat)}
+
+
 def _padded_latency(c: _Stage08, enc, folder: Path) -> list[dict]:
     """One query file -> its top-10 ranking and P(match), end to end, with the index padded to
     ``latency_entries`` by synthetic entries (each a real entry's vector plus noise), as the profile's
@@ -445,14 +450,8 @@ def _padded_latency(c: _Stage08, enc, folder: Path) -> list[dict]:
             index.save(scratch)
             build_s = time.perf_counter() - t0
             ranker = IndexRanker(c.cfg, enc, scratch, top_k=10)
-            ranker.rank_files([queries[0]["file"]])  # warm-up (and the index read)
-            lat = []
-            for i in range(p["latency_queries"]):
-                t0 = time.perf_counter()
-                ranker.rank_files([queries[i % len(queries)]["file"]])
-                lat.append(1000 * (time.perf_counter() - t0))
-            out.append({"entries": len(index), "kind": ranker.index.built_kind or kind, "build_s": build_s,
-                        "p50": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "n": len(lat)})
+            lat = _query_latency(ranker, queries, p["latency_queries"])  # first: its warm-up builds the index
+            out.append({"entries": len(index), "kind": ranker.index.built_kind or kind, "build_s": build_s, **lat})
             shutil.rmtree(scratch)
     return out
 
